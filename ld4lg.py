@@ -374,29 +374,37 @@ def _rows_from_file(path, cfg):
     raise UserError(f"{path}: unsupported file type '{ext}' (use .txt, .jsonl, .csv or .json)")
 
 
+MAX_CHARS_PER_TOKEN = 100  # a target text longer than this many characters per allowed token is a format error
+
+
 def load_data(cfg: TrainConfig):
     """Train/validation/test Splits for cfg.data; carved splits are deterministic from cfg.seed."""
     if cfg.data == "demo":
         rows = demo_corpus(20_000 + 2 * cfg.num_eval, seed=1234)  # fixed corpus; cfg.seed only shuffles
-        rows = [dict(text=t, source=s, label=l) for t, s, l in rows]
-    elif os.path.exists(cfg.data):
-        rows = _rows_from_file(cfg.data, cfg)
-    elif cfg.data.endswith((".txt", ".jsonl", ".csv", ".json")) or os.sep in cfg.data and not cfg.data.count("/") == 1:
+        splits = {"all": [dict(text=t, source=s, label=l) for t, s, l in rows]}
+    elif os.path.isdir(cfg.data):  # a directory of split files: train.* and optionally dev/validation.* and test.*
+        found = {os.path.splitext(f)[0]: os.path.join(cfg.data, f) for f in sorted(os.listdir(cfg.data))
+                 if os.path.splitext(f)[1] in (".txt", ".jsonl", ".csv", ".json")}
+        if "train" not in found:
+            raise UserError(f"data directory {cfg.data} has no train.txt/.jsonl/.csv/.json")
+        splits = {"train": _rows_from_file(found["train"], cfg)}
+        for name, key in (("validation", "val"), ("dev", "val"), ("test", "test")):
+            if name in found and key not in splits:
+                splits[key] = _rows_from_file(found[name], cfg)
+    elif os.path.isfile(cfg.data):
+        splits = {"all": _rows_from_file(cfg.data, cfg)}
+    elif cfg.data.endswith((".txt", ".jsonl", ".csv", ".json")) or cfg.data.startswith((".", "/")):
         raise UserError(f"data file not found: {cfg.data}")
-    else:
-        rows = None
-    if rows is not None:
-        splits = {"all": rows}
     else:
         try:
             import datasets
             name, _, subset = cfg.data.partition(":")
             ds = datasets.load_dataset(name, subset or None)
+            splits = {"train": list(ds[cfg.train_split])}
+            if cfg.eval_split:
+                splits["eval"] = list(ds[cfg.eval_split])
         except Exception as e:
             raise UserError(f"cannot load data set '{cfg.data}': {str(e).splitlines()[0][:200]}")
-        splits = {cfg.train_split: list(ds[cfg.train_split])}
-        if cfg.eval_split:
-            splits["eval"] = list(ds[cfg.eval_split])
     for name, rows in splits.items():
         if not rows:
             raise UserError(f"data set '{cfg.data}' is empty")
@@ -415,22 +423,36 @@ def load_data(cfg: TrainConfig):
         if cfg.source_column:
             sources = [str(r[cfg.source_column]).strip() for r in rows]
         keep = [i for i, t in enumerate(texts) if t]  # empty lines carry no text to learn
+        if not keep:
+            raise UserError(f"data set '{cfg.data}' has no non-empty text in column '{cfg.text_column}'")
+        longest = max(keep, key=lambda i: len(texts[i]))
+        if len(texts[longest]) > MAX_CHARS_PER_TOKEN * cfg.max_len:  # truncation would discard nearly all of it
+            raise UserError(f"text {longest + 1} of '{cfg.data}' has {len(texts[longest])} characters, far over --max_len "
+                            f"{cfg.max_len} tokens: is the file one text per line?")
         return Split(texts, labels, sources).take(keep)
 
     g = random.Random(cfg.seed)
-    if "eval" in splits:  # hub data with its own held-out split: halve it into validation and test
-        train, held = to_split(splits[cfg.train_split]), to_split(splits["eval"])
-        idx = list(range(len(held.texts)))
-        g.shuffle(idx)
-        val, test = held.take(idx[: len(idx) // 2]), held.take(idx[len(idx) // 2:])
-    else:
-        full = to_split(next(iter(splits.values())))
-        idx = list(range(len(full.texts)))
+
+    def carve(split, n_parts):
+        """Shuffle deterministically and cut n_parts held-out pieces of n texts off the front."""
+        idx = list(range(len(split.texts)))
         g.shuffle(idx)
         n = min(cfg.num_eval, len(idx) // 10)  # never hold out more than 10% each of a small set
         if n == 0:
             raise UserError(f"data set '{cfg.data}' is too small ({len(idx)} texts) to hold out a validation set")
-        val, test, train = full.take(idx[:n]), full.take(idx[n:2 * n]), full.take(idx[2 * n:])
+        return [split.take(idx[i * n:(i + 1) * n]) for i in range(n_parts)] + [split.take(idx[n_parts * n:])]
+
+    train = to_split(splits.pop("train", None) or splits.pop("all"))
+    if "eval" in splits:  # hub data with one held-out split: half validation, half test
+        held = to_split(splits["eval"])
+        idx = list(range(len(held.texts)))
+        g.shuffle(idx)
+        val, test = held.take(idx[: len(idx) // 2]), held.take(idx[len(idx) // 2:])
+    elif "test" in splits:  # split files: keep the given test set whole
+        test = to_split(splits["test"])
+        val, train = (to_split(splits["val"]), train) if "val" in splits else carve(train, 1)
+    else:
+        val, test, train = carve(train, 2)
     if cfg.max_train:
         train = train.take(range(min(cfg.max_train, len(train.texts))))
     if train.labels is not None:
@@ -534,6 +556,23 @@ def feed_forward(dim, mult=4, dropout=0.0):
     return nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
 
 
+class Block(nn.Module):
+    """Pre-LN block with qk-norm attention and a GELU feed-forward. mode 'self': x attends to x;
+    'cross': x attends to a context; 'both': x attends to [x ; context] (the Perceiver layer of C1)."""
+
+    def __init__(self, dim, heads, mode="self"):
+        super().__init__()
+        self.mode, self.ln, self.attn = mode, nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln_ctx = nn.LayerNorm(dim) if mode != "self" else None
+        self.ln_ff, self.ff = nn.LayerNorm(dim), feed_forward(dim)
+
+    def forward(self, x, context=None, mask=None):
+        q = self.ln(x)
+        kv = q if self.mode == "self" else self.ln_ctx(context) if self.mode == "cross" else torch.cat([q, self.ln_ctx(context)], 1)
+        x = x + self.attn(q, kv, mask)
+        return x + self.ff(self.ln_ff(x))
+
+
 class Compressor(nn.Module):
     """(C1-C3) Perceiver resampler: ℓ learned queries read the LM encoder states into ℓ × d_ae latents."""
 
@@ -543,8 +582,7 @@ class Compressor(nn.Module):
         self.queries = nn.Parameter(torch.randn(cfg.num_latents, d) * 0.02)  # Z ∈ R^{ℓ×d}
         self.in_proj = nn.Linear(d_lm, d) if d_lm != d else nn.Identity()
         self.pos = nn.Parameter(torch.randn(cfg.max_len, d) * 0.02)  # (C1) positions added to E(w) first
-        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d), Attention(d, cfg.ae_heads),
-                                                   nn.LayerNorm(d), feed_forward(d)]) for _ in range(cfg.enc_layers))
+        self.layers = nn.ModuleList(Block(d, cfg.ae_heads, "both") for _ in range(cfg.enc_layers))
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.d_ae))  # (C2) project to d_ae
         self.norm_latents = cfg.norm_latents
 
@@ -552,44 +590,39 @@ class Compressor(nn.Module):
         h = self.in_proj(h) + self.pos[: h.shape[1]]
         z = repeat(self.queries, "l d -> b l d", b=h.shape[0])
         kv_mask = torch.cat([torch.ones(z.shape[:2], dtype=torch.bool, device=z.device), mask], 1)  # queries always visible
-        for ln_q, ln_kv, attn, ln_ff, ff in self.layers:
-            q = ln_q(z)
-            z = z + attn(q, torch.cat([q, ln_kv(h)], 1), kv_mask)  # (C1) Z += MHA(Z, [Z; E(w)])
-            z = z + ff(ln_ff(z))
+        for layer in self.layers:
+            z = layer(z, h, kv_mask)  # (C1) Z += MHA(Z, [Z; E(w)]), Z += FF(Z)
         x = self.out(z)  # (B, ℓ, d_ae)
         if self.norm_latents:  # (C3) ‖x_i‖² = d_ae, the expected squared norm of N(0, I) noise
             x = F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
         return x
 
 
-class Transformer(nn.Module):
-    """Pre-LN transformer with qk-norm and GELU (the reconstruction network's body, R1)."""
-
-    def __init__(self, dim, depth, heads):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim), feed_forward(dim)])
-                                    for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        for ln1, attn, ln2, ff in self.layers:
-            x = x + attn(ln1(x))
-            x = x + ff(ln2(x))
-        return self.norm(x)
-
-
 class Reconstructor(nn.Module):
-    """(R1) g_φ: Linear d_ae → d, learned positions, transformer, projection to the LM width."""
+    """(R1) g_φ: Linear d_ae → d, learned positions, pre-LN transformer, projection to the LM width.
+    With `readout` (LDLM joint runs only, J1) learned token positions then cross-attend to g_φ(x) to
+    regress the frozen LM's states E(w) ∈ R^{L×d_LM}, which the LM decoder reads as if they were E(w)."""
 
-    def __init__(self, d_lm, cfg: AEConfig):
+    def __init__(self, d_lm, cfg: AEConfig, readout=False):
         super().__init__()
         self.in_proj = nn.Linear(cfg.d_ae, cfg.ae_dim)
         self.pos = nn.Parameter(torch.randn(cfg.num_latents, cfg.ae_dim) * 0.02)
-        self.body = Transformer(cfg.ae_dim, cfg.dec_layers, cfg.ae_heads)
-        self.out = nn.Linear(cfg.ae_dim, d_lm) if d_lm != cfg.ae_dim else nn.Identity()
+        self.body = nn.ModuleList(Block(cfg.ae_dim, cfg.ae_heads) for _ in range(cfg.dec_layers))
+        self.out = nn.Sequential(nn.LayerNorm(cfg.ae_dim), nn.Linear(cfg.ae_dim, d_lm) if d_lm != cfg.ae_dim else nn.Identity())
+        self.readout_pos = nn.Parameter(torch.randn(cfg.max_len, d_lm) * 0.02) if readout else None
+        self.readout = nn.ModuleList(Block(d_lm, cfg.ae_heads, "cross") for _ in range(2)) if readout else None
 
-    def forward(self, x):  # (B, ℓ, d_ae) -> (B, ℓ, d_lm)
-        return self.out(self.body(self.in_proj(x) + self.pos))
+    def forward(self, x):  # (B, ℓ, d_ae) -> (B, ℓ, d_lm), or (B, max_len, d_lm) with the readout
+        g = self.in_proj(x) + self.pos
+        for block in self.body:
+            g = block(g)
+        g = self.out(g)
+        if self.readout is None:
+            return g
+        h = repeat(self.readout_pos, "l d -> b l d", b=x.shape[0])
+        for block in self.readout:
+            h = block(h, g)
+        return h
 
 
 class LatentAutoencoder(nn.Module):
@@ -602,6 +635,11 @@ class LatentAutoencoder(nn.Module):
         self.compressor = Compressor(d_lm, cfg)
         self.reconstructor = Reconstructor(d_lm, cfg)
         self.lm.requires_grad_(cfg.lm_mode == "ft")
+        self.save_lm = cfg.lm_mode == "ft"  # a frozen pretrained LM reloads by name: checkpoints skip it
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        return state if self.save_lm else {k: v for k, v in state.items() if not k.startswith("lm.")}
 
     def lm_states(self, ids, mask):
         """E(w); without gradient when the LM is frozen (nothing upstream could use it)."""
@@ -611,12 +649,10 @@ class LatentAutoencoder(nn.Module):
     def encode(self, ids, mask):  # (B, L) -> (B, ℓ, d_ae)
         return self.compressor(self.lm_states(ids, mask), mask)
 
-    def decoder_loss(self, h, ids, mask, labels_mask=None):
-        """(R2) token cross-entropy of D cross-attending to states h (e.g. g_φ(x)), and token accuracy.
-        h_mask marks the positions of h the decoder may read (all of them for latents)."""
+    def decoder_loss(self, h, ids, mask):
+        """(R2) token cross-entropy of D cross-attending to all positions of h (e.g. g_φ(x)), and token accuracy."""
         from transformers.modeling_outputs import BaseModelOutput
-        mask = mask if labels_mask is None else labels_mask
-        labels = ids[:, :mask.shape[1]].masked_fill(~mask, -100)  # padding is not a target
+        labels = ids.masked_fill(~mask, -100)  # padding is not a target
         out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=h), labels=labels)
         hit = (out.logits.argmax(-1) == labels) & mask
         return out.loss, hit.sum() / mask.sum()
@@ -629,8 +665,6 @@ class LatentAutoencoder(nn.Module):
         """Text from latents: g_φ(x), then the LM decoder's beam search (§3.2, official decoding settings)."""
         from transformers.modeling_outputs import BaseModelOutput
         h = self.reconstructor(x)
-        if getattr(self, "readout", None) is not None:  # joint (LDLM) runs decode through the token readout (J1)
-            h = self.readout(h)
         out = self.lm.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h),
                                attention_mask=torch.ones(h.shape[:2], dtype=torch.long, device=h.device),
                                num_beams=num_beams, repetition_penalty=repetition_penalty,
@@ -752,14 +786,16 @@ def x0_eps_to_pred(x0, eps, alpha, objective):
     return {"v": alpha.sqrt() * eps - (1 - alpha).sqrt() * x0, "eps": eps, "x0": x0}[objective]
 
 
-class AdaptiveTime:
+class AdaptiveTime(nn.Module):
     """(J3) Adaptive timestep sampling: an EMA of the diffusion loss in bins of t; t is drawn with
     density ∝ |dL/dt| (plus a floor), so each stretch of the loss curve gets equal weight (as in
-    CDCD's time warping: the loss is uniform in the warped time)."""
+    CDCD's time warping: the loss is uniform in the warped time). A module so that its buffer is
+    saved in checkpoints like any weights."""
 
-    def __init__(self, bins=64, decay=0.99, floor=0.05, device="cpu"):
+    def __init__(self, bins=64, decay=0.99, floor=0.05):
+        super().__init__()
         self.bins, self.decay, self.floor = bins, decay, floor
-        self.loss = torch.ones(bins, device=device)  # flat curve → uniform t until losses arrive
+        self.register_buffer("loss", torch.ones(bins))  # flat curve → uniform t until losses arrive
 
     def update(self, t, loss):  # t, loss: (B,) per-sample; no host sync
         idx = (t * self.bins).long().clamp(max=self.bins - 1)
@@ -927,16 +963,22 @@ def batch_indices(step, n, batch_size, seed):
 
 
 def prepare_run_dir(out, resume, overwrite):
-    """Never overwrite a run without --overwrite; --resume needs a checkpoint."""
+    """Never overwrite a run without --overwrite. Returns whether there is a checkpoint to resume: a run
+    killed before its first checkpoint restarts from step 0 under --resume."""
     if resume:
-        if not os.path.isdir(os.path.join(out, "ckpt")) and not os.path.isdir(os.path.join(out, "ckpt.old")):
-            raise UserError(f"--resume: no checkpoint in {out}")
-        return
+        if any(os.path.isfile(os.path.join(out, n, "state.pt")) for n in ("ckpt", "ckpt.old")):
+            return True
+        print(f"--resume: {out} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        shutil.rmtree(os.path.join(out, "ckpt.tmp"), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, "metrics.jsonl"))
+        return False
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
             raise UserError(f"run directory {out} exists; pass --resume to continue it or --overwrite to replace it")
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    return False
 
 
 def write_json(path, obj):
@@ -979,114 +1021,125 @@ def checkpoint_dir(run_dir):
     raise UserError(f"{run_dir} has no checkpoint")
 
 
-def load_weights(module, path, strict=True):
+def load_weights(module, path):
+    """Load a safetensors checkpoint; any mismatch with the model is a one-line error. Keys of the LM
+    may be absent: tied copies are stored once, a frozen pretrained LM not at all."""
     try:
         state = load_file(path)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:120]}")
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    tied = {k for k, v in module.state_dict().items() if any(v.data_ptr() == w.data_ptr() for n, w in module.state_dict().items() if n in state)}
-    if unexpected or (strict and set(missing) - tied) or any(state[k].shape != v.shape for k, v in module.state_dict().items() if k in state):
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except Exception as e:  # unreadable file, or a tensor of another shape
+        raise UserError(f"checkpoint {path} is unreadable or does not match this model ({str(e).splitlines()[0][:100]})")
+    if unexpected or [k for k in missing if not k.startswith("lm.")]:
         raise UserError(f"checkpoint {path} does not match this model's config")
 
 
-def trainable_state(module):
-    """Weights worth saving: everything but a frozen pretrained LM (it reloads by name)."""
-    return {k: v for k, v in module.state_dict().items() if not (k.startswith("lm.") and module.cfg.lm_mode == "freeze")}
-
-
-class Saveable(nn.Module):
-    """View of a module whose state_dict holds only `trainable_state` (what checkpoints store)."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def state_dict(self, *a, **k):
-        return trainable_state(self.module)
-
-    def load_state_dict(self, state, strict=True):
-        return self.module.load_state_dict(state, strict=False)
+@contextlib.contextmanager
+def figure(path, ncols=1, size=(6, 3.5)):
+    """A matplotlib figure (headless) saved to path when the block ends."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, ncols, figsize=size)
+    yield ax
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
 
 def plot_curves(run_dir, keys=("loss", "val_loss")):
     """Loss curves from metrics.jsonl to loss.png (log-scale y)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("val") else None, ms=3)
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.normpath(run_dir)))
-    ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(run_dir, "loss.png"), dpi=120), plt.close(fig)
+    with figure(os.path.join(run_dir, "loss.png")) as ax:
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("val") else None, ms=3)
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.normpath(run_dir)))
+        ax.legend()
 
 
-class GracefulStop:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
-
-    def __init__(self):
-        self.signal = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self.handle)
-
-    def handle(self, signum, frame):
-        self.signal = signum
+def dist_info():
+    """(rank, world size) under torchrun, else (0, 1)."""
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
 
 
-def train_loop(cfg: TrainConfig, run_dir, model, loss_fn, validate, device, resume, weights, ema=None, extra_state=None,
-               schedule="linear"):
-    """The flat loop both stages share.
-      1. optimizer (AdamW) and LR schedule (warmup, then linear or cosine decay; transformers' helpers)
-      2. resume: weights, optimizer, scheduler, step, RNG states, extra state (J3 density)
-      3. per step: loss_fn(step) → backward → clip → step → EMA; no host sync outside log steps
-      4. log steps: metrics line, NaN/inf check (stops before anything poisoned is saved)
-      5. eval steps, time budget, signals and the end: validation, atomic checkpoint, loss plot."""
+def setup_distributed(device):
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU) when WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist_info()
+
+
+def train_loop(cfg: TrainConfig, run_dir, model, loss_fn, validate, device, resume, weights, ema=None, schedule="linear"):
+    """The flat loop both stages share. loss_fn(step, idx, generator) -> (loss, logs) for the rows idx.
+      1. optimizer (AdamW), LR schedule (warmup then linear or cosine decay: transformers' helpers), DDP
+      2. resume: weights (incl. EMA and J3 state), optimizer, scheduler, step, RNG states
+      3. per step: this rank's share of the global batch → loss → backward → clip → step → EMA;
+         no host sync outside log steps
+      4. log steps: metrics reduced across ranks, NaN/inf check (stops before anything poisoned is saved)
+      5. eval steps, time budget, signals and the end: validation, atomic checkpoint (rank 0), loss plot."""
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    params = list(model.named_parameters())
-    opt = make_optimizer(params, cfg, device)  # 1.
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(model.named_parameters(), cfg, device)  # 1.
     make_sched = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
     sched = make_sched(opt, min(cfg.warmup, cfg.steps), cfg.steps)
-    gen = torch.Generator(device).manual_seed(cfg.seed)  # all training noise (t, ε, dropout of conditions)
-    step, extra_state = 0, extra_state or {}
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients across ranks
+    gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # training noise (t, ε, condition dropout), per rank
+    step = 0
     if resume:  # 2.
         ck = checkpoint_dir(run_dir)
         for stem, module in weights.items():
-            load_weights(module, os.path.join(ck, f"{stem}.safetensors"), strict=False)
+            load_weights(module, os.path.join(ck, f"{stem}.safetensors"))
         st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=False)
         opt.load_state_dict(st["optimizer"]), sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"].to(gen.get_state().device) if device.type != "cuda" else st["generator"])
-        torch.set_rng_state(st["torch_rng"])
-        for k, v in st.get("extra", {}).items():
-            extra_state[k].load_state_dict(v)
         step = st["step"]
-        print(f"resumed from {ck} at step {step}", file=sys.stderr)
-    stopper, t_start = GracefulStop(), time.time()
+        if st["world"] == world:  # the same process count continues every random stream exactly
+            gen.set_state(st["generators"][rank].to(gen.get_state().device))
+            torch.set_rng_state(st["torch_rng"])
+        else:
+            gen.manual_seed(cfg.seed + rank + 7919 * step)  # a new count: fresh, still reproducible, streams
+        if ema is not None:
+            ema[0].n_averaged.fill_(max(step, 1))  # past its first update: average, don't copy
+        if rank == 0:
+            print(f"resumed from {ck} at step {step}", file=sys.stderr)
+    stop, t_start = {}, time.time()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # save a checkpoint, then exit, at the end of the current step
+        signal.signal(sig, lambda signum, frame: stop.setdefault("signal", signum))
     bad = torch.zeros((), dtype=torch.bool, device=device)  # sticky "a loss was non-finite" flag, read at log steps
-    pbar = tqdm(total=cfg.steps, initial=step, desc=f"train {os.path.basename(os.path.normpath(run_dir))}", dynamic_ncols=True)
+    pbar = tqdm(total=cfg.steps, initial=step, desc=f"train {os.path.basename(os.path.normpath(run_dir))}",
+                dynamic_ncols=True, disable=rank > 0)
     acc, n_acc, t_log = {}, 0, time.time()
 
+    def log(row):
+        if rank == 0:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def checkpoint(reason):
-        val = validate() if validate else {}
-        row = dict(step=step, **val, time=round(time.time() - t_start, 1))
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        st = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=gen.get_state(),
-                  torch_rng=torch.get_rng_state(), extra={k: v.state_dict() for k, v in extra_state.items()})
-        save_checkpoint(run_dir, weights, st)
-        plot_curves(run_dir)
-        tqdm.write(f"step {step}: checkpoint ({reason}) " + " ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float)))
+        val = validate() if validate and rank == 0 else {}
+        log(dict(step=step, **val, time=round(time.time() - t_start, 1)))
+        gens = [gen.get_state()]
+        if world > 1:  # rank 0 stores every rank's generator state
+            gens = [torch.empty_like(gens[0]) for _ in range(world)]
+            torch.distributed.all_gather_object(gens, gen.get_state())
+        if rank == 0:
+            st = dict(step=step, world=world, optimizer=opt.state_dict(), scheduler=sched.state_dict(), generators=gens,
+                      torch_rng=torch.get_rng_state())
+            save_checkpoint(run_dir, weights, st)
+            plot_curves(run_dir)
+            tqdm.write(f"step {step}: checkpoint ({reason}) " + " ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float)))
 
     model.train()
     while step < cfg.steps:
-        with autocast(device):  # 3.
-            loss, logs = loss_fn(step, gen)
+        idx = batch_indices(step, loss_fn.num_rows, cfg.batch_size, cfg.seed)[rank::world]  # 3. this rank's share
+        with autocast(device):
+            loss, logs = loss_fn(step, idx, gen, net)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params if p.requires_grad], cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         bad |= ~torch.isfinite(loss)
         opt.step()
         sched.step()
@@ -1094,33 +1147,44 @@ def train_loop(cfg: TrainConfig, run_dir, model, loss_fn, validate, device, resu
             ema[0].update_parameters(ema[1])  # (averaged copy, live module)
         step += 1
         for k, v in logs.items():
-            acc[k] = acc.get(k, 0) + v.detach()
+            acc[k] = acc.get(k, 0) + v.detach().float()
         n_acc += 1
         pbar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:  # 4.
-            if bad.item():
+            stats = torch.stack([bad.float(), *acc.values()])
+            if world > 1:
+                torch.distributed.all_reduce(stats)
+                stats[1:] /= world
+            if stats[0].item():
                 raise UserError(f"non-finite loss at or before step {step}; stopped without saving "
-                                f"(last good checkpoint kept in {run_dir}/ckpt)")
-            row = dict(step=step, **{k: round(float(v) / n_acc, 5) for k, v in acc.items()}, lr=sched.get_last_lr()[0],
+                                f"(the last good checkpoint stays in {run_dir})")
+            row = dict(step=step, **{k: round(float(v) / n_acc, 5) for k, v in zip(acc, stats[1:])}, lr=sched.get_last_lr()[0],
                        steps_per_s=round(n_acc / (time.time() - t_log), 2))
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            log(row)
             pbar.set_postfix(loss=f"{row['loss']:.4f}", it_s=row["steps_per_s"])
             acc, n_acc, t_log = {}, 0, time.time()
         over_budget = cfg.time_budget and time.time() - t_start > 60 * cfg.time_budget
-        if step % cfg.eval_every == 0 or step == cfg.steps or stopper.signal or over_budget:  # 5.
+        if world > 1:  # every rank must agree to stop at the same step
+            flag = torch.tensor([float(bool(over_budget or stop.get("signal")))], device=device)
+            torch.distributed.all_reduce(flag)
+            over_budget = over_budget or (flag.item() > 0 and not stop.get("signal"))
+        if step % cfg.eval_every == 0 or step == cfg.steps or stop.get("signal") or over_budget:  # 5.
             if bad.item():
                 raise UserError(f"non-finite loss at or before step {step}; stopped without saving")
             model.eval()
-            checkpoint("signal" if stopper.signal else "time budget" if over_budget else "eval")
+            checkpoint("signal" if stop.get("signal") else "time budget" if over_budget else "eval")
             model.train()
-            if stopper.signal:
-                raise UserError(f"stopped by signal {stopper.signal} at step {step}; checkpoint saved, continue with --resume")
+            if stop.get("signal"):
+                raise Interrupted(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, continue with --resume")
             if over_budget:
                 break
     pbar.close()
     model.eval()
     return step, time.time() - t_start
+
+
+class Interrupted(UserError):
+    """SIGINT/SIGTERM: the checkpoint was saved; exit code 130."""
 
 
 # --- Stage 1: the language autoencoder ------------------------------------------------------
@@ -1136,7 +1200,7 @@ def load_autoencoder(run_dir, device, weights="ae"):
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
     cfg = load_config(AEConfig, os.path.join(run_dir, "config.json"))
     ae = build_autoencoder(cfg, run_dir)
-    load_weights(Saveable(ae), os.path.join(checkpoint_dir(run_dir), f"{weights}.safetensors"))
+    load_weights(ae, os.path.join(checkpoint_dir(run_dir), f"{weights}.safetensors"))
     return ae.to(device).eval(), cfg
 
 
@@ -1166,28 +1230,31 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     if cfg.steps <= 0 or cfg.batch_size <= 0:
         raise UserError("--steps and --batch_size must be positive")
     data = load_data(cfg)
-    prepare_run_dir(out, resume, overwrite)
+    resume = prepare_run_dir(out, resume, overwrite)
     device = pick_device(cfg.device)
+    rank, _ = setup_distributed(device)
     ae = build_autoencoder(cfg, out, data["train"].texts)
-    if cfg.lm.startswith("tiny"):
+    if cfg.lm.startswith("tiny") and rank == 0:
         ae.tok.save_pretrained(os.path.join(out, "tokenizer"))
     save_config(out, cfg)
     ae.to(device)
     ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="training")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
 
-    def loss_fn(step, gen):
-        idx = batch_indices(step, len(ids_all), cfg.batch_size, cfg.seed)
+    def loss_fn(step, idx, gen, net):
         L = int(mask_all[idx].sum(1).max())  # trim the batch to its longest text
-        loss, acc = ae(ids_all[idx, :L].to(device), mask_all[idx, :L].to(device))
+        loss, acc = net(ids_all[idx, :L].to(device), mask_all[idx, :L].to(device))
         return loss, dict(loss=loss, token_acc=acc)
+    loss_fn.num_rows = len(ids_all)
 
     def validate():
         with torch.no_grad(), autocast(device):
             loss, acc = ae(val_ids.to(device), val_mask.to(device))
         return dict(val_loss=float(loss), val_token_acc=float(acc))
 
-    step, secs = train_loop(cfg, out, ae, loss_fn, validate, device, resume, {"ae": Saveable(ae)})
+    step, secs = train_loop(cfg, out, ae, loss_fn, validate, device, resume, {"ae": ae})
+    if rank > 0:
+        return {}
     metrics = ae_reconstruction_metrics(ae, data["test"], cfg, device)
     metrics.update(steps=step, train_minutes=round(secs / 60, 2), device=str(device), num_train=len(data["train"].texts))
     write_json(os.path.join(out, "eval_ae.json"), metrics)
@@ -1197,25 +1264,6 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
 
 
 # --- Stage 2: the latent denoiser (and LDLM joint training) -----------------------------------
-class TokenReadout(nn.Module):
-    """(J1, joint training only) learned token positions cross-attend to g_φ(x) and regress the frozen
-    LM encoder's states E(w) ∈ R^{L×d_LM}, which the LM decoder then reads as if they were E(w)."""
-
-    def __init__(self, d_lm, max_len, heads=4, depth=2):
-        super().__init__()
-        self.pos = nn.Parameter(torch.randn(max_len, d_lm) * 0.02)
-        self.layers = nn.ModuleList(nn.ModuleList([nn.LayerNorm(d_lm), Attention(d_lm, heads), nn.LayerNorm(d_lm), feed_forward(d_lm)])
-                                    for _ in range(depth))
-        self.norm = nn.LayerNorm(d_lm)
-
-    def forward(self, g):  # (B, ℓ, d_lm) -> (B, max_len, d_lm)
-        h = repeat(self.pos, "l d -> b l d", b=g.shape[0])
-        for ln_q, attn, ln_ff, ff in self.layers:
-            h = h + attn(ln_q(h), g)
-            h = h + ff(ln_ff(h))
-        return self.norm(h)
-
-
 def scale_grad(x, gamma):
     """Identity in the forward pass; multiplies the gradient by gamma (J2)."""
     return x.detach() + gamma * (x - x.detach())
@@ -1224,6 +1272,23 @@ def scale_grad(x, gamma):
 def joint_gamma(step, warmup):
     """(J2) γ rises from 0 to 1 along a sigmoid centred at warmup/2 (≈0.002 at step 0, ≈0.998 at warmup)."""
     return 1.0 if warmup <= 0 else 1 / (1 + math.exp(-12 * (step / warmup - 0.5)))
+
+
+def joint_loss(ae, model, cfg: DiffConfig, ids, mask, cond, gamma, generator, adaptive=None):
+    """(J1-J4) One LDLM step's losses: L = w_d·L_diff + w_m·L_mse + w_c·L_ce, with the diffusion gradient
+    into the encoder scaled by γ (J2) and noise on the decoder's input latents in training only (J4)."""
+    h = ae.lm_states(ids, mask)  # frozen E(w): the regression target of J1
+    x = ae.compressor(h, mask)
+    var = x.detach().float().var(0).mean()  # latent variance across the batch: near 0 means collapse
+    l_diff, t, per_sample = diffusion_loss(model, scale_grad(x, gamma), cfg, cond, generator, adaptive)  # (J2)
+    if ae.training and cfg.decoder_noise:  # (J4) the decoder learns to read imperfect latents
+        x = x + cfg.decoder_noise * torch.randn(x.shape, device=x.device, generator=generator)
+    h_hat = ae.reconstructor(x)  # (B, L, d_lm) through the token readout
+    l_mse = F.mse_loss(h_hat.float(), h.float()) if cfg.mse_loss else torch.zeros((), device=x.device)
+    # (J1) CE on a stop-gradient of ĥ: it trains the decoder without shaping the encoder (naive: no stop)
+    l_ce, acc = ae.decoder_loss(h_hat.detach() if cfg.mse_loss else h_hat, ids, mask)
+    loss = cfg.diff_weight * l_diff + cfg.mse_weight * l_mse + cfg.ce_weight * l_ce
+    return loss, dict(loss=loss, diff_loss=l_diff, mse_loss=l_mse, ce_loss=l_ce, token_acc=acc, latent_var=var), t, per_sample
 
 
 def source_encoder(cfg: DiffConfig, ae, device):
@@ -1284,29 +1349,31 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     if cfg.class_cond and not cfg.label_column or cfg.seq2seq and not cfg.source_column:
         raise UserError("class_cond needs --label_column and seq2seq needs --source_column")
     device = pick_device(cfg.device)
+    rank, world = setup_distributed(device)
+    if cfg.joint and world > 1:
+        raise UserError("--joint trains in one process (no torchrun)")
     ae, ae_cfg = load_autoencoder(cfg.ae, device)
     data = load_data(cfg)
     train = data["train"]
     if cfg.class_cond:
         cfg.num_classes = max(train.labels) + 1
-    prepare_run_dir(out, resume, overwrite)
+    resume = prepare_run_dir(out, resume, overwrite)
     save_config(out, cfg, ae_dir=os.path.relpath(os.path.abspath(cfg.ae), os.path.abspath(out)))
     encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    net = torch.compile(model) if cfg.compile else model
-    adaptive = AdaptiveTime(device=device) if cfg.adaptive_t or cfg.joint else None
-    weights, extra = {"denoiser": model, "ema": ema.module}, {"adaptive_t": adaptive} if adaptive else {}
+    adaptive = AdaptiveTime().to(device) if cfg.adaptive_t or cfg.joint else None
+    weights = {"denoiser": model, "ema": ema.module, **({"adaptive_t": adaptive} if adaptive else {})}
     if cfg.joint:
         # (J1) the LM encoder is frozen (it gives the targets E(w)); compressor, reconstructor, readout
         # start fresh; the LM decoder trains when the autoencoder run fine-tuned its LM.
-        ae.compressor, ae.reconstructor = Compressor(ae.lm.config.d_model, ae_cfg).to(device), Reconstructor(ae.lm.config.d_model, ae_cfg).to(device)
-        ae.readout = TokenReadout(ae.lm.config.d_model, ae_cfg.max_len).to(device)
+        d_lm = ae.lm.config.d_model
+        ae.compressor, ae.reconstructor = Compressor(d_lm, ae_cfg).to(device), Reconstructor(d_lm, ae_cfg, readout=True).to(device)
         ae.lm.requires_grad_(False)
         ae.lm.get_decoder().requires_grad_(ae_cfg.lm_mode == "ft")
         ae.cfg = dataclasses.replace(ae_cfg, lm_mode="freeze")  # E(w) without gradient
-        weights["ae"] = Saveable(ae)
+        weights["ae"] = ae
         trainable = nn.ModuleDict(dict(denoiser=model, ae=ae))
         ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="training")
         ids_all = F.pad(ids_all, (0, ae_cfg.max_len - ids_all.shape[1]), value=ae.tok.pad_token_id)  # decoder reads all positions
@@ -1318,28 +1385,21 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     val_x = encode_latents(ae, data["val"].texts[:500], ae_cfg.max_len, device)
     val_idx = list(range(len(val_x)))
 
-    def loss_fn(step, gen):
-        idx = batch_indices(step, len(train.texts), cfg.batch_size, cfg.seed)
+    compiled = torch.compile(model) if cfg.compile else model  # the raw module is what checkpoints save
+
+    def loss_fn(step, idx, gen, net):
+        net = compiled if net is model else net
         cond = drop_conditions(batch_condition(cfg, train, idx.tolist(), encode_source, device), cfg.cond_drop, cfg.num_classes, gen)
         if not cfg.joint:
             loss, t, per_sample = diffusion_loss(net, latents[idx.to(latents.device)], cfg, cond, gen, adaptive)
             logs = dict(loss=loss)
         else:
-            ids, mask = ids_all[idx].to(device), mask_all[idx].to(device)
-            h = ae.lm_states(ids, mask)  # frozen E(w): the MSE target
-            x = ae.compressor(h, mask)
-            gamma = joint_gamma(step, cfg.warmup_joint)
-            l_diff, t, per_sample = diffusion_loss(net, scale_grad(x, gamma), cfg, cond, gen, adaptive)  # (J2)
-            x_dec = x + cfg.decoder_noise * torch.randn(x.shape, device=device, generator=gen)  # (J4) training only
-            h_hat = ae.readout(ae.reconstructor(x_dec))
-            l_mse = F.mse_loss(h_hat.float(), h.float()) if cfg.mse_loss else torch.zeros((), device=device)
-            l_ce, acc = ae.decoder_loss(h_hat.detach() if cfg.mse_loss else h_hat, ids, torch.ones_like(mask), labels_mask=mask)
-            loss = cfg.diff_weight * l_diff + cfg.mse_weight * l_mse + cfg.ce_weight * l_ce  # (J1)
-            var = x.float().var(0).mean()  # latent variance across the batch: ~0 means collapse
-            logs = dict(loss=loss, diff_loss=l_diff, mse_loss=l_mse, ce_loss=l_ce, token_acc=acc, latent_var=var)
+            loss, logs, t, per_sample = joint_loss(ae, compiled, cfg, ids_all[idx].to(device), mask_all[idx].to(device), cond,
+                                                   joint_gamma(step, cfg.warmup_joint), gen, adaptive)
         if adaptive is not None:
             adaptive.update(t, per_sample)
         return loss, logs
+    loss_fn.num_rows = len(train.texts)
 
     def validate():
         """Validation loss of the EMA denoiser at fixed noise, plus a few decoded samples."""
@@ -1357,8 +1417,9 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
                 tqdm.write(f"warning: latent variance across the batch is {row['latent_var']:.2e}: the latent space is collapsing")
         return row
 
-    step, secs = train_loop(cfg, out, trainable, loss_fn, validate, device, resume, weights, ema=(ema, model),
-                            extra_state=extra, schedule="cosine")
+    step, secs = train_loop(cfg, out, trainable, loss_fn, validate, device, resume, weights, ema=(ema, model), schedule="cosine")
+    if rank > 0:
+        return {}
     if adaptive is not None:
         plot_density(adaptive, out)
     summary = dict(steps=step, train_minutes=round(secs / 60, 2), device=str(device), num_train=len(train.texts),
@@ -1372,14 +1433,10 @@ LATENT_COLLAPSE = 1e-3  # per-dimension variance of latents across a batch below
 
 def plot_density(adaptive, run_dir):
     """The learned (J3) density over t and the loss EMA it came from, to adaptive_t.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     t = (torch.arange(adaptive.bins) + 0.5) / adaptive.bins
-    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
-    ax[0].plot(t, adaptive.loss.cpu()), ax[0].set(xlabel="t", ylabel="loss EMA")
-    ax[1].plot(t, adaptive.density().cpu() * adaptive.bins), ax[1].set(xlabel="t", ylabel="sampling density")
-    fig.tight_layout(), fig.savefig(os.path.join(run_dir, "adaptive_t.png"), dpi=120), plt.close(fig)
+    with figure(os.path.join(run_dir, "adaptive_t.png"), ncols=2, size=(8, 3)) as ax:
+        ax[0].plot(t, adaptive.loss.cpu()), ax[0].set(xlabel="t", ylabel="diffusion loss (EMA)")
+        ax[1].plot(t, adaptive.density().cpu() * adaptive.bins), ax[1].set(xlabel="t", ylabel="sampling density of t")
 
 
 # =============================================================================================
@@ -1405,8 +1462,8 @@ def load_run(run_dir, device):
     ae, ae_cfg = load_autoencoder(ae_dir, device)
     ck = checkpoint_dir(run_dir)
     if cfg.joint:
-        ae.readout = TokenReadout(ae.lm.config.d_model, ae_cfg.max_len).to(device)
-        load_weights(Saveable(ae), os.path.join(ck, "ae.safetensors"))
+        ae.reconstructor = Reconstructor(ae.lm.config.d_model, ae_cfg, readout=True).to(device)
+        load_weights(ae, os.path.join(ck, "ae.safetensors"))
         ae.eval()
     encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device).eval()
@@ -1675,7 +1732,7 @@ def text_metrics(texts, references, train_texts, featurize=None, ppl=None, demo=
     """The paper's unconditional metrics (MAUVE, Ppl, Div, Mem) plus the demo's exact grammar checks."""
     m = dict(diversity=diversity(texts), memorization=memorization(texts, train_texts))
     m["mauve"] = mauve_score(featurize, texts, references, seed=seed + 25) if featurize else None
-    m["perplexity"] = perplexity(*ppl, texts) if ppl else None
+    m["perplexity"] = ppl(texts) if ppl else None
     if demo:
         train = set(train_texts)
         topics = [demo_topic(t) for t in texts]
@@ -1717,11 +1774,14 @@ def cmd_eval(args):
     """`eval RUN_DIR` (the paper's protocol over seeds, --steps trade-off, --guidance_sweep) or
     `eval --samples FILE --references SPLIT_OR_FILE` for texts from any system."""
     device = pick_device(args.device)
+    if args.featurizer.startswith((".", "/")) and not os.path.isdir(args.featurizer):  # a typo, not a network problem
+        raise UserError(f"featurizer directory not found: {args.featurizer}")
     featurize = load_featurizer(args.featurizer, device)
     ppl = None
     if args.ppl_model and args.ppl_model != "none":
         try:
-            ppl = (*load_causal_lm(args.ppl_model, device), device)
+            lm, tok = load_causal_lm(args.ppl_model, device)
+            ppl = lambda texts: perplexity(lm, tok, texts, device)
         except UserError as e:
             print(f"perplexity skipped: {e}", file=sys.stderr)
     if args.samples:  # external samples: no run needed
@@ -1743,7 +1803,7 @@ def cmd_eval(args):
     data = load_data(cfg)
     train_texts, test = data["train"].texts, data["test"]
     n, demo = args.num_samples, cfg.data == "demo"
-    steps, sampler = args.steps_list[0] if args.steps_list else cfg.sample_steps, args.sampler or cfg.sampler
+    steps, sampler = args.steps[0] if args.steps else cfg.sample_steps, args.sampler or cfg.sampler
     guidance = cfg.guidance if args.guidance is None else args.guidance
 
     def run_once(seed, steps=steps, guidance=guidance, labels=None):
@@ -1774,8 +1834,8 @@ def cmd_eval(args):
                            seed=0)  # the paper's Reference: held-out human texts, train vs test
     report.update(model=mean_std(per_seed), reference={k: v for k, v in ref_row.items()}, per_seed=per_seed)
     named = [("Reference (train vs test)", ref_row), (f"LD4LG ({sampler}, {steps} steps)", report["model"])]
-    if args.steps_list and len(args.steps_list) > 1:  # Table 11: quality vs sampling steps, with wall-clock
-        report["steps_sweep"] = {s: run_once(0, steps=s) for s in args.steps_list}
+    if args.steps and len(args.steps) > 1:  # Table 11: quality vs sampling steps, with wall-clock
+        report["steps_sweep"] = {s: run_once(0, steps=s) for s in args.steps}
         named += [(f"{sampler} {s} steps (seed 0)", m) for s, m in report["steps_sweep"].items()]
         plot_sweep(report["steps_sweep"], "steps", os.path.join(args.run_dir, "steps_sweep.png"))
     if args.guidance_sweep and cfg.class_cond:  # topic accuracy / validity vs guidance weight
@@ -1791,21 +1851,114 @@ def cmd_eval(args):
 
 def plot_sweep(sweep, xlabel, path):
     """Metrics (left axis) and wall-clock seconds per 1000 samples (right axis) against a swept setting."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     xs = list(sweep)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("mauve", "valid", "topic_acc", "slot_acc", "diversity", "rouge_l"):
-        ys = [sweep[x].get(key) for x in xs]
-        if all(y is not None for y in ys):
-            ax.plot(xs, [y / 100 if key.startswith("rouge") else y for y in ys], marker="o", label=key)
-    ax.set(xlabel=xlabel, ylabel="metric")
-    ax.legend(loc="lower left")
-    ax2 = ax.twinx()
-    ax2.plot(xs, [sweep[x]["total_s_per_1000"] for x in xs], "k--", marker="s", label="s / 1000 samples")
-    ax2.set(ylabel="seconds per 1000 samples")
-    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+    with figure(path) as ax:
+        for key in ("mauve", "valid", "topic_acc", "slot_acc", "diversity", "rouge_l"):
+            ys = [sweep[x].get(key) for x in xs]
+            if all(y is not None for y in ys):
+                ax.plot(xs, [y / 100 if key.startswith("rouge") else y for y in ys], marker="o", label=key)
+        ax.set(xlabel=xlabel, ylabel="metric"), ax.legend(loc="lower left")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [sweep[x]["total_s_per_1000"] for x in xs], "k--", marker="s")
+        ax2.set(ylabel="seconds per 1000 samples (dashed)")
+
+
+# =============================================================================================
+# 12. Benchmark: random models of a preset's exact shapes, no weights or data needed
+# =============================================================================================
+LM_SHAPES = {  # published shapes, used when the config cannot be fetched (offline); d, layers, heads, ffn, vocab
+    "facebook/bart-base": (768, 6, 12, 3072, 50265), "facebook/bart-large": (1024, 12, 16, 4096, 50265)}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}  # dense bf16
+
+
+def random_lm_like(cfg: AEConfig):
+    """A randomly initialised encoder-decoder shaped like cfg.lm (tiny LMs get a stand-in tokenizer size)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, BartConfig
+    if cfg.lm.startswith("tiny"):
+        tok = type("Tok", (), dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, __len__=lambda self: cfg.tiny_vocab))()
+        return tiny_lm(cfg.lm, tok, cfg)
+    try:
+        return AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(cfg.lm))
+    except Exception:
+        if cfg.lm not in LM_SHAPES:
+            raise UserError(f"bench: no config for '{cfg.lm}' offline (known shapes: {', '.join(LM_SHAPES)})")
+        d, n, h, ff, v = LM_SHAPES[cfg.lm]
+        return AutoModelForSeq2SeqLM.from_config(BartConfig(vocab_size=v, d_model=d, encoder_layers=n, decoder_layers=n,
+                                                            encoder_attention_heads=h, decoder_attention_heads=h,
+                                                            encoder_ffn_dim=ff, decoder_ffn_dim=ff))
+
+
+def timed(fn, repeats, device, warmup=2):
+    """Median seconds of fn() over repeats, after warm-up calls (compilation, allocator, caches)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def cmd_bench(args):
+    """Training steps/s of both stages, sampling time (diffusion and decoding) and MFU for a preset."""
+    device = pick_device(args.device)
+    acfg, dcfg = make_config(AEConfig, args.preset), make_config(DiffConfig, args.preset, compile=args.compile)
+    torch.manual_seed(0)
+    lm = random_lm_like(acfg)
+    ae = LatentAutoencoder(lm, None, acfg).to(device)
+    model = build_denoiser(dcfg, acfg).to(device)
+    res = dict(preset=args.preset, device=torch.cuda.get_device_name() if device.type == "cuda" else str(device),
+               compile=args.compile, denoiser_params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1))
+    # 1. denoiser training on cached latents at the preset batch size
+    opt = make_optimizer(model.named_parameters(), dcfg, device)
+    net = torch.compile(model) if args.compile else model
+    x = torch.randn(dcfg.batch_size, acfg.num_latents, acfg.d_ae, device=device)
+    g = torch.Generator(device).manual_seed(0)
+
+    def denoiser_step():
+        with autocast(device):
+            loss = diffusion_loss(net, x, dcfg, {}, g)[0]
+        opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
+    s = timed(denoiser_step, args.repeats, device)
+    res.update(denoiser_steps_per_s=round(1 / s, 2), latents_per_s=round(dcfg.batch_size / s))
+    # model FLOPs: 6·N per latent token for forward+backward, plus the self-conditioning forward (2·N) half the time
+    n_dense = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n)
+    flops = (6 + (1 if dcfg.self_cond else 0)) * n_dense * dcfg.batch_size * acfg.num_latents
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in res["device"]), args.peak_tflops)
+    res["mfu"] = round(flops / s / (peak * 1e12), 4) if peak else None
+    res["peak_tflops_used"] = peak
+    # 2. autoencoder training (frozen LM for pretrained presets, the whole tiny LM for the demo)
+    opt_ae = make_optimizer(ae.named_parameters(), acfg, device)
+    ids = torch.randint(5, lm.config.vocab_size, (acfg.batch_size, acfg.max_len), device=device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+
+    def ae_step():
+        with autocast(device):
+            loss = ae(ids, mask)[0]
+        opt_ae.zero_grad(set_to_none=True), loss.backward(), opt_ae.step()
+    res["ae_steps_per_s"] = round(1 / timed(ae_step, args.repeats, device), 2)
+    # 3. sampling: one batch of network calls, and one batch of beam-search decoding, scaled to 1000 samples
+    model.eval()
+    fn = guided_model_fn(net, dcfg, {}, 1.0)
+    zb = torch.randn(args.sample_batch, acfg.num_latents, acfg.d_ae, device=device)
+    with torch.no_grad(), autocast(device):
+        call = timed(lambda: fn(zb, 0.5, zb), args.repeats, device)
+        dec = timed(lambda: lm.generate(encoder_outputs=(ae.reconstructor(zb),), num_beams=4, max_length=acfg.max_len,
+                                        min_length=acfg.max_len, **({"decoder_start_token_id": 2} if not hasattr(lm.config, "decoder_start_token_id") else {})),
+                    1, device, warmup=1)
+    batches = 1000 / args.sample_batch
+    res.update(sample_batch=args.sample_batch, diffusion_s_per_1000=round(batches * 250 * call, 1),
+               decoding_s_per_1000=round(batches * dec, 1))
+    res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else \
+        round(__import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    print("| " + " | ".join(res) + " |\n|" + "---|" * len(res) + "\n| " + " | ".join(str(v) for v in res.values()) + " |")
+    if args.output:
+        write_json(args.output, res)
+    return res
 
 
 # =============================================================================================
@@ -1823,6 +1976,13 @@ def add_config_flags(parser, cls):
             parser.add_argument(f"--{f.name}", type=float, nargs=len(f.default), default=None, help=f.metadata["help"])
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{f.metadata['help']} (default {f.default!r})")
+
+
+def resume_config(cls, out):
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {out} holds no run (no config.json)")
+    return load_config(cls, path)
 
 
 def config_from_args(cls, args):
@@ -1851,10 +2011,8 @@ def build_parser():
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     e = sub.add_parser("eval", help="§4.1: MAUVE, perplexity, diversity, memorization, ROUGE over seeds")
     e.add_argument("run_dir", nargs="?", help="run directory of `train` (or use --samples)")
-    add_sample_flags(e)
+    add_sample_flags(e, sweep=True)
     e.add_argument("--seeds", type=int, default=5, help="sampling seeds; the table shows mean ± std (paper: 5)")
-    e.add_argument("--steps", dest="steps_list", type=lambda s: [int(x) for x in s.split(",")],
-                   help="comma list, e.g. 50,100,250: adds the quality/time trade-off table and plot (Table 11)")
     e.add_argument("--guidance_sweep", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma list of w for class-conditional runs, e.g. 0,1,2,3")
     e.add_argument("--featurizer", default="gpt2-large", help=f"MAUVE features: causal LM or sentence-embedding dir, '{OFFLINE_FEATURIZER}' offline, or none")
@@ -1862,12 +2020,24 @@ def build_parser():
     e.add_argument("--samples", help="score this JSONL of {'text': ...} instead of sampling a run")
     e.add_argument("--references", help="with --samples: reference texts (.txt lines or .jsonl)")
     e.add_argument("--train_file", help="with --samples: training texts for memorization (default: the references)")
+    b = sub.add_parser("bench", help="speed of both training stages and of sampling, random weights of a preset's shapes")
+    b.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
+    b.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    b.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    b.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up; the median is reported")
+    b.add_argument("--sample_batch", type=int, default=250, help="latents per sampling batch (scaled to 1000 samples)")
+    b.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU when the GPU is not in the table")
+    b.add_argument("--output", help="also write the results as JSON here")
     return p
 
 
-def add_sample_flags(s):
+def add_sample_flags(s, sweep=False):
     s.add_argument("--num_samples", type=int, default=1000, help="samples (or sources, for seq2seq) to draw")
-    s.add_argument("--steps", type=int, help="network calls of the sampler (default: the run's sample_steps, 250)")
+    if sweep:
+        s.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")],
+                       help="sampler steps; a comma list (50,100,250) adds the quality/time trade-off table and plot (Table 11)")
+    else:
+        s.add_argument("--steps", type=int, help="network calls of the sampler (default: the run's sample_steps, 250)")
     s.add_argument("--sampler", choices=list(SAMPLERS), help="update rule (default: the run's sampler, ddpm)")
     s.add_argument("--batch_size", type=int, default=500, help="latents denoised and decoded together")
     s.add_argument("--seed", type=int, default=0, help="same seed, same samples on the same device")
@@ -1887,20 +2057,22 @@ def main(argv=None):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     try:
         if args.command == "train-ae":
-            cfg = load_config(AEConfig, os.path.join(args.out, "config.json")) if args.resume else config_from_args(AEConfig, args)
+            cfg = resume_config(AEConfig, args.out) if args.resume else config_from_args(AEConfig, args)
             train_ae(cfg, args.out, args.resume, args.overwrite)
         elif args.command == "train":
-            cfg = load_config(DiffConfig, os.path.join(args.out, "config.json")) if args.resume else config_from_args(DiffConfig, args)
+            cfg = resume_config(DiffConfig, args.out) if args.resume else config_from_args(DiffConfig, args)
             train_diffusion(cfg, args.out, args.resume, args.overwrite)
         elif args.command == "sample":
             cmd_sample(args)
+        elif args.command == "bench":
+            cmd_bench(args)
         elif args.command == "eval":
             if not args.run_dir and not args.samples:
                 raise UserError("eval needs RUN_DIR or --samples FILE")
             cmd_eval(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 130 if isinstance(e, Interrupted) else 2
     return 0
 
 

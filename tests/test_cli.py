@@ -1,0 +1,123 @@
+"""Command line: the bad-input catalogue (one-line error, exit 2, nothing modified), sampling
+reproducibility and resume, run-directory safety."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import ld4lg
+from conftest import TINY_AE, TINY_DIFF
+
+
+def flags(d):
+    out = []
+    for k, v in d.items():
+        out += [f"--{k}", str(v)] if not isinstance(v, bool) else ([f"--{k}"] if v else [f"--no-{k}"])
+    return out
+
+
+AE_FLAGS = flags({k: v for k, v in TINY_AE.items() if k != "data"})
+DIFF_FLAGS = flags(TINY_DIFF)
+
+
+def snapshot(root):
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, fs in os.walk(root) for f in fs}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_text("")
+    (d / "blank.txt").write_text("\n\n  \n")
+    (d / "nocol.csv").write_text("sentence\nhello there\n" * 50)
+    (d / "badlabel.jsonl").write_text("".join(json.dumps({"text": f"t {i}", "label": "x"}) + "\n" for i in range(50)))
+    (d / "neglabel.jsonl").write_text("".join(json.dumps({"text": f"t {i}", "label": -1}) + "\n" for i in range(50)))
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 50)
+    (d / "huge.txt").write_text("word " * 20000 + "\n" + "short text\n" * 50)
+    (d / "badjson.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    (d / "sources.txt").write_text("subject[coach], verb[kicks], object[ball]\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def class_run(ae_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "class")
+    assert ld4lg.main(["train", "--preset", "demo-class", "--ae", ae_run, "--out", out, *DIFF_FLAGS]) == 0
+    return out
+
+
+def cases(ae_run, diff_run, class_run, b, tmp):
+    ae = ["train-ae", "--out", str(tmp / "new"), *AE_FLAGS]
+    return {
+        "missing data file": ae + ["--data", str(b / "missing.txt")],
+        "missing hub data set": ae + ["--data", "no-such-user/no-such-dataset-xyz"],
+        "empty data file": ae + ["--data", str(b / "empty.txt")],
+        "only empty lines": ae + ["--data", str(b / "blank.txt")],
+        "missing column": ae + ["--data", str(b / "nocol.csv")],
+        "non-integer label": ae + ["--data", str(b / "badlabel.jsonl"), "--label_column", "label"],
+        "label out of range": ae + ["--data", str(b / "neglabel.jsonl"), "--label_column", "label"],
+        "non-UTF-8 bytes": ae + ["--data", str(b / "latin1.txt")],
+        "text far over the maximum length": ae + ["--data", str(b / "huge.txt")],
+        "broken JSON line": ae + ["--data", str(b / "badjson.jsonl")],
+        "unknown preset": ae + ["--preset", "nope"],
+        "zero steps": ae + ["--steps", "0"],
+        "existing run without --overwrite": ["train-ae", "--out", ae_run, *AE_FLAGS],
+        "resume without a checkpoint": ["train-ae", "--out", str(tmp / "empty_run"), "--resume"],
+        "autoencoder run of another stage": ["train", "--ae", diff_run, "--out", str(tmp / "d"), *DIFF_FLAGS],
+        "sample from an autoencoder run": ["sample", ae_run, "--output", str(tmp / "s.jsonl")],
+        "negative sample steps": ["sample", diff_run, "--steps", "-5", "--output", str(tmp / "s.jsonl")],
+        "guidance for an unconditional model": ["sample", diff_run, "--guidance", "2", "--output", str(tmp / "s.jsonl")],
+        "class id out of range": ["sample", class_run, "--class", "9", "--output", str(tmp / "s.jsonl")],
+        "source file without seq2seq": ["sample", diff_run, "--source-file", str(b / "sources.txt"), "--output", str(tmp / "s.jsonl")],
+        "missing featurizer directory": ["eval", diff_run, "--featurizer", str(tmp / "no_model"), "--num_samples", "4"],
+        "truncated checkpoint": ["sample", str(tmp / "trunc"), "--output", str(tmp / "s.jsonl")],
+        "foreign checkpoint": ["sample", str(tmp / "foreign"), "--output", str(tmp / "s.jsonl")],
+    }
+
+
+def test_bad_input_catalogue(ae_run, diff_run, class_run, bad_files, tmp_path, capsys):
+    (tmp_path / "empty_run").mkdir()
+    for name, damage in (("trunc", "truncate"), ("foreign", "foreign")):  # broken copies of a good run
+        shutil.copytree(diff_run, tmp_path / name)
+        ema = tmp_path / name / "ckpt" / "ema.safetensors"
+        if damage == "truncate":
+            ema.write_bytes(ema.read_bytes()[:100])
+        else:
+            from safetensors.torch import save_file
+            save_file({"weight": torch.zeros(3)}, str(ema))
+        (tmp_path / name / "config.json").write_text(
+            (tmp_path / name / "config.json").read_text().replace('"ae_dir": "', '"ae_dir": "' + os.path.relpath(diff_run, tmp_path / name) + '/'))
+    before = {p: snapshot(p) for p in (ae_run, diff_run, class_run, str(bad_files))}
+    table = cases(ae_run, diff_run, class_run, bad_files, tmp_path)
+    assert len(table) >= 15
+    for name, argv in table.items():
+        rc = ld4lg.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, name
+        assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), (name, err)
+        assert not (tmp_path / "new" / "ckpt").exists(), name
+    assert before == {p: snapshot(p) for p in before}  # nothing that existed was touched
+
+
+def test_sampling_is_reproducible_and_resumable(diff_run, tmp_path):
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    common = ["--num_samples", "6", "--steps", "5", "--batch_size", "2", "--seed", "3"]
+    assert ld4lg.main(["sample", diff_run, "--output", a, *common]) == 0
+    assert ld4lg.main(["sample", diff_run, "--output", b, *common]) == 0
+    rows = [json.loads(l) for l in open(a)]
+    assert rows == [json.loads(l) for l in open(b)] and len(rows) == 6
+    # resume: keep the first 3 lines, continue; the file ends identical
+    open(b, "w").writelines(open(a).readlines()[:3])
+    assert ld4lg.main(["sample", diff_run, "--output", b, "--resume", *common]) == 0
+    assert open(a).read() == open(b).read()
+    assert ld4lg.main(["sample", diff_run, "--output", a, *common]) == 2  # exists: needs --overwrite
+
+
+def test_help_explains_flags(capsys):
+    with pytest.raises(SystemExit):
+        ld4lg.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--self_cond" in out and "self-conditioning" in out and "--guidance" in out

