@@ -1663,12 +1663,13 @@ def rouge_metrics(hyps, refs):
     return {f"rouge_{n}": 100 * float(np.mean([rouge_max(h, r, n) for h, r in zip(hyps, refs)])) for n in (1, 2, "l")}
 
 def mean_std(rows):
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and rows[0][k] is not None]
-    return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
+    """(mean, std) over seeds of every numeric metric; a metric that could not be computed stays None."""
+    return {k: None if v is None else (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows])))
+            for k, v in rows[0].items() if v is None or isinstance(v, (int, float))}
 
 def markdown_table(named_rows, featurizer):
     """Table 2 shape: one row per system, mean ± std over seeds; MAUVE names its featurizer."""
-    cols = ["mauve", "perplexity", "diversity", "memorization", "valid", "novelty", "topic_acc", "slot_acc",
+    cols = ["mauve", "perplexity", "diversity", "memorization", "valid", "distinct", "novelty", "topic_acc", "slot_acc",
             "rouge_1", "rouge_2", "rouge_l", "mbr_rouge_l", "oracle_rouge_l", "total_s_per_1000"]
     cols = [c for c in cols if any(c in r for _, r in named_rows)]
     head = [f"MAUVE ({featurizer})" if c == "mauve" else c for c in cols]
@@ -1747,9 +1748,8 @@ def cmd_eval(args):
 
     report = dict(featurizer=args.featurizer if featurize else None, num_samples=n, sampler=sampler, steps=steps, guidance=guidance)
     per_seed = [run_once(s) for s in range(args.seeds)]
-    g = random.Random(0)
-    ref_row = text_metrics(g.sample(train_texts, min(n, len(train_texts))), test.texts[:n], train_texts, featurize, ppl, demo,
-                           seed=0)  # the paper's Reference: held-out human texts, train vs test
+    g = random.Random(0)  # the paper's Reference row: held-out human texts (test) scored like samples, MAUVE vs train texts
+    ref_row = text_metrics(test.texts[:n], g.sample(train_texts, min(n, len(train_texts))), train_texts, featurize, ppl, demo, seed=0)
     report.update(reference=ref_row, per_seed=per_seed)
     named = [("Reference (train vs test)", ref_row)]
     if per_seed:  # --seeds 0 runs only the sweeps
