@@ -1864,9 +1864,10 @@ def cmd_bench(args):
     zb = torch.randn(args.sample_batch, acfg.num_latents, acfg.d_ae, device=device)
     with torch.no_grad(), autocast(device):
         call = timed(lambda: fn(zb, 0.5, zb), args.repeats, device)
-        dec = timed(lambda: lm.generate(encoder_outputs=(ae.reconstructor(zb),), num_beams=4, max_length=acfg.max_len,
-                                        min_length=acfg.max_len, **({"decoder_start_token_id": 2} if not hasattr(lm.config, "decoder_start_token_id") else {})),
-                    1, device, warmup=1)
+        from transformers.modeling_outputs import BaseModelOutput
+        ones = torch.ones(zb.shape[:2], dtype=torch.long, device=device)
+        dec = timed(lambda: lm.generate(encoder_outputs=BaseModelOutput(last_hidden_state=ae.reconstructor(zb)), attention_mask=ones,
+                                        num_beams=4, max_length=acfg.max_len, min_length=acfg.max_len), 1, device, warmup=1)
     batches = 1000 / args.sample_batch
     res.update(sample_batch=args.sample_batch, diffusion_s_per_1000=round(batches * 250 * call, 1),
                decoding_s_per_1000=round(batches * dec, 1))

@@ -121,3 +121,10 @@ def test_help_explains_flags(capsys):
         ld4lg.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--self_cond" in out and "self-conditioning" in out and "--guidance" in out
+
+
+def test_bench_demo_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    assert ld4lg.main(["bench", "--preset", "demo", "--repeats", "1", "--sample_batch", "8", "--output", str(out)]) == 0
+    res = json.load(open(out))
+    assert res["denoiser_steps_per_s"] > 0 and res["ae_steps_per_s"] > 0 and res["diffusion_s_per_1000"] > 0
