@@ -60,7 +60,7 @@ case $preset in
     data=(--data "$E2E_DIR" --text_column ref --source_column mr)
     # The tiny BART of --lm tiny, trained with its autoencoder for 15 CPU minutes (the schedule fits that budget).
     ae runs/e2e-tiny/ae --preset demo "${data[@]}" --lm tiny --max_len 64 --num_latents 32 --d_ae 32 --tiny_vocab 4096 \
-       --warmup 300 --steps 2700 --time_budget 15 --eval_every 500
+       --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500
     if [ "$preset" = e2e-seq2seq ]; then
       $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
           --max_len 64 --max_source_len 64 --steps 100000 --time_budget 20 "$@"
