@@ -1310,8 +1310,9 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         trainable = model
         latents = encode_latents(ae, train.texts, ae_cfg.max_len, device)  # (N, ℓ, d_ae), computed once
         ae.requires_grad_(False)
-    val_x = encode_latents(ae, data["val"].texts[:500], ae_cfg.max_len, device)
-    val_idx = list(range(len(val_x)))
+    val_texts = data["val"].texts[:500]
+    val_x = None if cfg.joint else encode_latents(ae, val_texts, ae_cfg.max_len, device)  # joint: re-encoded at each validation
+    val_idx = list(range(len(val_texts)))
 
     compiled = torch.compile(model) if cfg.compile else model  # the raw module is what checkpoints save
 
@@ -1333,7 +1334,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         """Validation loss of the EMA denoiser at fixed noise, plus a few decoded samples."""
         g = torch.Generator(device).manual_seed(cfg.seed + 1)
         with torch.no_grad(), autocast(device):
-            x = encode_latents(ae, data["val"].texts[:500], ae_cfg.max_len, device) if cfg.joint else val_x
+            x = encode_latents(ae, val_texts, ae_cfg.max_len, device) if cfg.joint else val_x
             cond = batch_condition(cfg, data["val"], val_idx[:len(x)], encode_source, device)
             val_loss = float(diffusion_loss(ema.module, x, dataclasses.replace(cfg, self_cond=False), cond, g)[0])
             z = generate_latents(ema.module, cfg, 4, {k: v[:4] for k, v in cond.items()}, "ddim", 50, cfg.guidance, g)
