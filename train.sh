@@ -42,13 +42,13 @@ case $preset in
   demo-class)
     ae runs/demo/ae --preset demo
     $py ld4lg.py train --preset demo-class --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
-    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 1 --guidance_sweep 0,1,2,3 --guidance 2 \
+    $py ld4lg.py eval "$runs/diffusion" --num_samples 400 --seeds 0 --guidance_sweep 0,1,2,3 \
         --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-seq2seq)
     ae runs/demo/ae --preset demo
     $py ld4lg.py train --preset demo-seq2seq --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
-    $py ld4lg.py eval "$runs/diffusion" --num_samples 500 --seeds 1 --candidates 5 --featurizer none --ppl_model none
+    $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     ;;
   demo-joint)
     ae runs/demo/ae --preset demo
@@ -59,12 +59,12 @@ case $preset in
     [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv, dev.csv, test.csv (columns mr, ref)" >&2; exit 2; }
     data=(--data "$E2E_DIR" --text_column ref --source_column mr)
     # The tiny BART of --lm tiny, trained with its autoencoder for 15 CPU minutes (the schedule fits that budget).
-    ae runs/e2e-tiny/ae --preset demo "${data[@]}" --lm tiny --max_len 64 --num_latents 32 --d_ae 32 --tiny_vocab 4096 \
+    ae runs/e2e-tiny/ae --preset demo "${data[@]}" --lm tiny --latent_noise 0 --max_len 64 --num_latents 32 --d_ae 32 --tiny_vocab 4096 \
        --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500
     if [ "$preset" = e2e-seq2seq ]; then
       $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
           --max_len 64 --max_source_len 64 --steps 100000 --time_budget 20 "$@"
-      $py ld4lg.py eval "$runs/diffusion" --num_samples 500 --seeds 1 --candidates 5 --featurizer none --ppl_model none
+      $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     else
       for mode in two-stage joint; do
         j=(); [ $mode = joint ] && j=(--joint)

@@ -38,7 +38,7 @@ def test_padding_does_not_change_latents():
 @pytest.mark.parametrize("lm", ["tiny", "tiny-t5"])
 def test_tiny_autoencoder_overfits_small_batch(lm):
     torch.manual_seed(0)
-    ae, cfg = tiny_ae(lm=lm, tiny_dim=64, ae_dim=64, num_latents=8, d_ae=16, norm_latents=lm == "tiny")
+    ae, cfg = tiny_ae(lm=lm, tiny_dim=64, ae_dim=64, num_latents=8, d_ae=16, norm_latents=lm == "tiny", latent_noise=0.0)
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:8], cfg.max_len)
     opt = torch.optim.AdamW(ae.parameters(), 3e-3)
     for _ in range(300):
@@ -65,3 +65,18 @@ def test_frozen_lm_gets_no_gradient():
     ae(ids, mask)[0].backward()
     assert all(p.grad is None for p in ae.lm.parameters())
     assert all(p.grad is not None for p in ae.compressor.parameters())
+
+
+def test_latent_noise_only_in_training():
+    """(J4 in the two-stage model) noise on the decoder's input latents: seeded in training, off in eval."""
+    ae, cfg = tiny_ae(latent_noise=0.5)
+    ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:8], cfg.max_len)
+    with torch.no_grad():
+        ae.train()
+        noisy = [float(ae(ids, mask, torch.Generator().manual_seed(s))[0]) for s in (1, 1, 2)]
+        ae.eval()
+        clean = float(ae(ids, mask, torch.Generator().manual_seed(1))[0])
+        ae.cfg.latent_noise = 0.0
+        plain = float(ae(ids, mask)[0])
+    assert noisy[0] == noisy[1] and noisy[0] != noisy[2]  # the generator drives the noise: exact resume keeps it
+    assert clean == plain  # eval ignores the noise scale
