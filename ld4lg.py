@@ -627,10 +627,12 @@ class LatentAutoencoder(nn.Module):
         hit = (out.logits.argmax(-1) == labels) & mask
         return out.loss, hit.sum() / mask.sum()
 
+    def noised(self, x, std, generator=None):
+        """(J4) noise on the latents the decoder reads, in training only: the decoder learns to forgive a denoiser's errors."""
+        return x + std * torch.randn(x.shape, device=x.device, generator=generator) if self.training and std else x
+
     def forward(self, ids, mask, generator=None):
-        x = self.encode(ids, mask)
-        if self.training and self.cfg.latent_noise:  # (J4) a decoder that reads noisy latents forgives a denoiser's errors
-            x = x + self.cfg.latent_noise * torch.randn(x.shape, device=x.device, generator=generator)
+        x = self.noised(self.encode(ids, mask), self.cfg.latent_noise, generator)
         return self.decoder_loss(self.reconstructor(x), ids, mask)
 
     @torch.no_grad()
@@ -1219,8 +1221,7 @@ def joint_loss(ae, model, cfg: DiffConfig, ids, mask, cond, gamma, generator, ad
     x = ae.compressor(h, mask)
     var = x.detach().float().var(0).mean()  # latent variance across the batch: near 0 means collapse
     l_diff, t, per_sample = diffusion_loss(model, scale_grad(x, gamma), cfg, cond, generator, adaptive)  # (J2)
-    if ae.training and cfg.decoder_noise:  # (J4) the decoder learns to read imperfect latents
-        x = x + cfg.decoder_noise * torch.randn(x.shape, device=x.device, generator=generator)
+    x = ae.noised(x, cfg.decoder_noise, generator)  # (J4)
     h_hat = ae.reconstructor(x)  # (B, L, d_lm) through the token readout
     l_mse = F.mse_loss(h_hat.float(), h.float()) if cfg.mse_loss else torch.zeros((), device=x.device)
     # (J1) CE on a stop-gradient of ĥ: it trains the decoder without shaping the encoder (naive: no stop)
