@@ -106,7 +106,7 @@ class DiffConfig(TrainConfig):
     cond_drop: float = opt(0.1, "(G1, G2) probability of the null class / null source in training")
     ema_decay: float = opt(0.9999, "EMA of the weights; sampling uses the EMA")
     num_classes: int = opt(0, "C, set from the training labels when class_cond")
-    adaptive_t: bool = opt(False, "(J3) adaptive timestep sampling, also usable without --joint")
+    t_sampling: str = opt("auto", "uniform | adaptive (J3: equal weight per part of the loss curve) | auto = adaptive with --joint")
     # (J1-J4) LDLM joint training of encoder, denoiser and decoder.
     joint: bool = opt(False, "train the autoencoder together with the denoiser (LDLM)")
     mse_loss: bool = opt(True, "(J1) decoder regresses the frozen LM states; CE on a stop-gradient")
@@ -162,11 +162,11 @@ def make_config(cls, preset, **overrides):
     return cfg
 
 def load_config(cls, path):
-    with open(path) as f:
-        raw = json.load(f)
+    raw = json.load(open(path, encoding="utf-8"))
     names = {f.name for f in dataclasses.fields(cls)}
     if raw.get("stage") != cls.__name__ or not names >= set(raw["config"]):
-        raise UserError(f"{path} is not a {cls.__name__} run (found stage '{raw.get('stage')}')")
+        raise UserError(f"{path} is not a {cls.__name__} run of this version (stage '{raw.get('stage')}', "
+                        f"unknown fields: {sorted(set(raw.get('config', {})) - names)})")
     cfg = cls(**raw["config"])
     cfg.betas = tuple(cfg.betas)
     return cfg
@@ -1278,8 +1278,8 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     the LDLM recipe: encoder, denoiser and decoder in one step (J1-J4)."""
     if not cfg.ae:
         raise UserError("train needs --ae RUN_DIR of a trained autoencoder (python ld4lg.py train-ae ...)")
-    if cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise UserError("--steps and --batch_size must be positive")
+    if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.t_sampling not in ("auto", "uniform", "adaptive"):
+        raise UserError("--steps and --batch_size must be positive and --t_sampling one of auto, uniform, adaptive")
     if cfg.class_cond and not cfg.label_column or cfg.seq2seq and not cfg.source_column:
         raise UserError("class_cond needs --label_column and seq2seq needs --source_column")
     device = pick_device(cfg.device)
@@ -1297,7 +1297,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    adaptive = AdaptiveTime().to(device) if cfg.adaptive_t or cfg.joint else None
+    adaptive = AdaptiveTime().to(device) if cfg.t_sampling == "adaptive" or cfg.t_sampling == "auto" and cfg.joint else None
     weights = {"denoiser": model, "ema": ema.module, **({"adaptive_t": adaptive} if adaptive else {})}
     if cfg.joint:
         # (J1) the LM encoder is frozen (it gives the targets E(w)); compressor, reconstructor, readout
@@ -1318,7 +1318,6 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         ae.requires_grad_(False)
     val_texts = data["val"].texts[:500]
     val_x = None if cfg.joint else encode_latents(ae, val_texts, ae_cfg.max_len, device)  # joint: re-encoded at each validation
-    val_idx = list(range(len(val_texts)))
 
     compiled = torch.compile(model) if cfg.compile else model  # the raw module is what checkpoints save
 
@@ -1341,7 +1340,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         g = torch.Generator(device).manual_seed(cfg.seed + 1)
         with torch.no_grad(), autocast(device):
             x = encode_latents(ae, val_texts, ae_cfg.max_len, device) if cfg.joint else val_x
-            cond = batch_condition(cfg, data["val"], val_idx[:len(x)], encode_source, device)
+            cond = batch_condition(cfg, data["val"], range(len(x)), encode_source, device)
             val_loss = float(diffusion_loss(ema.module, x, dataclasses.replace(cfg, self_cond=False), cond, g)[0])
             z = generate_latents(ema.module, cfg, 4, {k: v[:4] for k, v in cond.items()}, "ddim", 50, cfg.guidance, g)
             texts = ae.generate(z, max_length=ae_cfg.max_len + 2)
@@ -1725,7 +1724,8 @@ def cmd_eval(args):
     sampler = args.sampler or cfg.sampler
     guidance = cfg.guidance if args.guidance is None else args.guidance
 
-    sources, refs = None, test.texts[:n]
+    held = [test.texts[i] for i in sorted(random.Random(0).sample(range(len(test.texts)), min(n, len(test.texts))))]
+    sources, refs = None, held  # random rows in file order: the first n rows of a sorted set (E2E) hold few sources
     if cfg.seq2seq:  # one sample per distinct source, scored against all of its references
         groups = {}
         for src, ref in zip(test.sources, test.texts):
@@ -1756,7 +1756,7 @@ def cmd_eval(args):
     report = dict(featurizer=args.featurizer if featurize else None, num_samples=n, sampler=sampler, steps=steps, guidance=guidance)
     per_seed = [run_once(s) for s in range(args.seeds)]
     g = random.Random(0)  # the paper's Reference row: held-out human texts (test) scored like samples, MAUVE vs train texts
-    ref_row = text_metrics(test.texts[:n], g.sample(train_texts, min(n, len(train_texts))), train_texts, featurize, ppl, demo, seed=0)
+    ref_row = text_metrics(held, g.sample(train_texts, min(n, len(train_texts))), train_texts, featurize, ppl, demo, seed=0)
     report.update(reference=ref_row, per_seed=per_seed)
     named = [("Reference (train vs test)", ref_row)]
     if per_seed:  # --seeds 0 runs only the sweeps

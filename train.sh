@@ -5,6 +5,7 @@
 #   bash train.sh demo-class        # class-conditional demo with classifier-free guidance (G1, G3)
 #   bash train.sh demo-seq2seq      # slot record → sentence demo with MBR decoding (G2, G4)
 #   bash train.sh demo-joint        # LDLM joint training on the demo (J1-J4)
+#   bash train.sh demo-joint-ablation  # naive joint, each of J1-J4 removed, full recipe, two-stage
 #   bash train.sh demo-noselfcond   # the demo without self-conditioning (Table 4 ablation)
 #   bash train.sh e2e-seq2seq       # E2E NLG (mr → ref) with the tiny LM; needs E2E_DIR with train/dev/test.csv
 #   bash train.sh e2e-joint         # E2E unconditional, joint (LDLM) vs two-stage at equal wall-clock
@@ -52,8 +53,25 @@ case $preset in
     ;;
   demo-joint)
     ae runs/demo/ae --preset demo
-    $py ld4lg.py train --preset demo --joint --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
+    # The LM comes from the demo autoencoder run (the "pretrained LM"); compressor and reconstructor start
+    # fresh. Budget: the two-stage demo's autoencoder + denoiser minutes on 2 cores (3.8 + 12.0).
+    $py ld4lg.py train --preset demo --joint --ae runs/demo/ae --out "$runs/diffusion" --overwrite \
+        --batch_size 64 --steps 3000 --time_budget 15.8 "$@"
     $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    ;;
+  demo-joint-ablation)
+    # LDLM's ablation at a fixed 1000 steps of batch 64 (J2 ramp over 500): naive joint training, the
+    # full recipe with one part removed at a time, the full recipe, and the two-stage denoiser.
+    ae runs/demo/ae --preset demo
+    declare -A flags=([naive]="--joint --no-mse_loss --warmup_joint 0 --t_sampling uniform --decoder_noise 0"
+      [no-J1]="--joint --no-mse_loss" [no-J2]="--joint --warmup_joint 0" [no-J3]="--joint --t_sampling uniform"
+      [no-J4]="--joint --decoder_noise 0" [full]="--joint" [two-stage]="")
+    for v in naive no-J1 no-J2 no-J3 no-J4 full two-stage; do
+      # shellcheck disable=SC2086  # the flags are meant to split into words
+      $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/$v" --overwrite --batch_size 64 --steps 1000 \
+          --warmup_joint 500 --eval_every 1000 ${flags[$v]} "$@"
+      $py ld4lg.py eval "$runs/$v" --num_samples 500 --seeds 1 --featurizer "$FEATURIZER" --ppl_model none
+    done
     ;;
   e2e-seq2seq|e2e-joint)
     [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv, dev.csv, test.csv (columns mr, ref)" >&2; exit 2; }
@@ -63,11 +81,12 @@ case $preset in
        --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500
     if [ "$preset" = e2e-seq2seq ]; then
       $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
-          --max_len 64 --max_source_len 64 --steps 100000 --time_budget 20 "$@"
+          --max_len 64 --max_source_len 64 --steps 2000 --time_budget 20 "$@"
       $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     else
       for mode in two-stage joint; do
-        j=(); [ $mode = joint ] && j=(--joint)
+        # joint: batch 64 and a 300-step γ ramp, so that the slower joint step still completes its warm-up
+        j=(); [ $mode = joint ] && j=(--joint --batch_size 64 --warmup_joint 300)
         $py ld4lg.py train --preset demo --ae runs/e2e-tiny/ae --out "$runs/$mode" --overwrite --data "$E2E_DIR" \
             --text_column ref --max_len 64 --steps 100000 --time_budget 15 "${j[@]}" "$@"
         $py ld4lg.py eval "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"

@@ -27,7 +27,7 @@ def stage_args(stage, ae_run, out):
     steps = ["--steps", "12", "--eval_every", "2", "--log_every", "1"]
     if stage == "train-ae":
         return ["train-ae", "--out", out, *AE_FLAGS, *steps]
-    joint = ["--joint", "--adaptive_t"] if stage == "joint" else []
+    joint = ["--joint", "--t_sampling", "adaptive"] if stage == "joint" else []
     return ["train", "--ae", ae_run, "--out", out, *DIFF_FLAGS, *steps, *joint]
 
 
