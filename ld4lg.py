@@ -1297,7 +1297,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    adaptive = AdaptiveTime().to(device) if cfg.t_sampling == "adaptive" or cfg.t_sampling == "auto" and cfg.joint else None
+    adaptive = AdaptiveTime().to(device) if cfg.t_sampling == "adaptive" or (cfg.t_sampling == "auto" and cfg.joint) else None
     weights = {"denoiser": model, "ema": ema.module, **({"adaptive_t": adaptive} if adaptive else {})}
     if cfg.joint:
         # (J1) the LM encoder is frozen (it gives the targets E(w)); compressor, reconstructor, readout
