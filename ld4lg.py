@@ -1372,7 +1372,7 @@ def plot_density(adaptive, run_dir):
 
 
 # =============================================================================================
-# 10. Generation: latents from noise, then text (§3.2 decoding), MBR (G4)
+# 9. Generation: latents from noise, then text (§3.2 decoding), MBR (G4)
 # =============================================================================================
 def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, generator, progress=None):
     """n latents (n, ℓ, d_ae) by the reverse process over a linear grid 1 → 0 with `steps` network calls."""
@@ -1532,7 +1532,7 @@ def cmd_sample(args):
 
 
 # =============================================================================================
-# 11. Evaluation (§4.1): n-gram metrics by hand (exact, tiny); MAUVE and perplexity via libraries
+# 10. Evaluation (§4.1): n-gram metrics by hand (exact, tiny); MAUVE and perplexity via libraries
 # =============================================================================================
 def words(text):
     return re.findall(r"\w+|[^\w\s]", text.lower())
@@ -1791,7 +1791,7 @@ def plot_sweep(sweep, xlabel, path):
 
 
 # =============================================================================================
-# 12. Benchmark: random models of a preset's exact shapes, no weights or data needed
+# 11. Benchmark: random models of a preset's exact shapes, no weights or data needed
 # =============================================================================================
 LM_SHAPES = {  # published shapes, used when the config cannot be fetched (offline); d, layers, heads, ffn, vocab
     "facebook/bart-base": (768, 6, 12, 3072, 50265), "facebook/bart-large": (1024, 12, 16, 4096, 50265)}
@@ -1887,7 +1887,7 @@ def cmd_bench(args):
 
 
 # =============================================================================================
-# 13. Command line
+# 12. Command line
 # =============================================================================================
 def add_config_flags(parser, cls):
     """One --flag per config field, its help text the field's comment; None means 'not given'."""
