@@ -38,6 +38,9 @@ class UserError(Exception):
 # =============================================================================================
 # 1. Configuration: one flat typed config per stage, presets as override dicts
 # =============================================================================================
+CHOICES = dict(lm_mode=("freeze", "ft"), objective=("v", "eps", "x0"), loss=("l2", "l1"),
+               t_sampling=("auto", "uniform", "adaptive"))  # string fields with a fixed set of values
+
 def opt(default, help):
     """A config field whose help text doubles as the comment on its default and as --help."""
     return field(default=default, metadata={"help": help})
@@ -68,6 +71,11 @@ class TrainConfig:
     seed: int = opt(0, "seed for data splits, initialisation and noise")
     device: str = opt("auto", "auto | cuda | mps | cpu")
     compile: bool = opt(False, "torch.compile the trained network (CUDA)")
+
+    def __post_init__(self):  # every config (flags, presets, a saved run) passes here
+        self.betas = tuple(self.betas)  # JSON stores the tuple as a list
+        if bad := {k: getattr(self, k) for k, c in CHOICES.items() if getattr(self, k, c[0]) not in c}:
+            raise UserError("; ".join(f"--{k} '{v}' is not one of {', '.join(CHOICES[k])}" for k, v in bad.items()))
 
 @dataclass
 class AEConfig(TrainConfig):
@@ -157,9 +165,7 @@ def make_config(cls, preset, **overrides):
     values = {k: v for k, v in PRESETS[preset].get("ae", {}).items() if k in DATA_FIELDS}  # both stages read the same data
     values.update({k: v for k, v in PRESETS[preset].get(stage, {}).items() if k in names})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = cls(preset=preset, **values)
-    cfg.betas = tuple(cfg.betas)
-    return cfg
+    return cls(preset=preset, **values)
 
 def load_config(cls, path):
     raw = json.load(open(path, encoding="utf-8"))
@@ -167,9 +173,7 @@ def load_config(cls, path):
     if raw.get("stage") != cls.__name__ or not names >= set(raw["config"]):
         raise UserError(f"{path} is not a {cls.__name__} run of this version (stage '{raw.get('stage')}', "
                         f"unknown fields: {sorted(set(raw.get('config', {})) - names)})")
-    cfg = cls(**raw["config"])
-    cfg.betas = tuple(cfg.betas)
-    return cfg
+    return cls(**raw["config"])
 
 
 # =============================================================================================
@@ -214,20 +218,16 @@ DEMO_DET = {"sg": "the this that every a".split(), "pl": "the these those some m
 IRREGULAR_PLURAL = {"match": "matches", "trophy": "trophies", "coach": "coaches", "referee": "referees", "tomato": "tomatoes"}
 IRREGULAR_3SG = {"watch": "watches", "catch": "catches", "study": "studies"}
 
-def _plural(w):
-    return IRREGULAR_PLURAL.get(w, w + ("es" if w.endswith(("ch", "sh", "s", "x")) else "s"))
-
-def _third_person(v):
-    return IRREGULAR_3SG.get(v, v + ("es" if v.endswith(("ch", "sh", "s", "x")) else "s"))
+def _inflect(words, irregular):  # plural nouns or third-person verbs: the same -s / -es rule
+    return [irregular.get(w, w + ("es" if w.endswith(("ch", "sh", "s", "x")) else "s")) for w in words]
 
 def _a_or_an(word):
     return "an" if word[0] in "aeiou" else "a"
 
 def _demo_words(topic):
     w = {k: v.split() for k, v in DEMO_TOPICS[topic].items()}
-    return dict(noun_sg=w["noun"], noun_pl=[_plural(n) for n in w["noun"]], verb_pl=w["verb"],
-                verb_sg=[_third_person(v) for v in w["verb"]], obj_sg=w["obj"], obj_pl=[_plural(o) for o in w["obj"]],
-                adj=w["adj"], site=w["site"])
+    return dict(noun_sg=w["noun"], noun_pl=_inflect(w["noun"], IRREGULAR_PLURAL), verb_pl=w["verb"], adj=w["adj"], site=w["site"],
+                verb_sg=_inflect(w["verb"], IRREGULAR_3SG), obj_sg=w["obj"], obj_pl=_inflect(w["obj"], IRREGULAR_PLURAL))
 
 def demo_sentence(rng: random.Random, topic: str):
     """One random sentence of a topic and its slot record (the seq2seq source)."""
@@ -1278,8 +1278,8 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     the LDLM recipe: encoder, denoiser and decoder in one step (J1-J4)."""
     if not cfg.ae:
         raise UserError("train needs --ae RUN_DIR of a trained autoencoder (python ld4lg.py train-ae ...)")
-    if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.t_sampling not in ("auto", "uniform", "adaptive"):
-        raise UserError("--steps and --batch_size must be positive and --t_sampling one of auto, uniform, adaptive")
+    if cfg.steps <= 0 or cfg.batch_size <= 0:
+        raise UserError("--steps and --batch_size must be positive")
     if cfg.class_cond and not cfg.label_column or cfg.seq2seq and not cfg.source_column:
         raise UserError("class_cond needs --label_column and seq2seq needs --source_column")
     device = pick_device(cfg.device)
