@@ -37,7 +37,6 @@ class UserError(Exception):
 
 # =============================================================================================
 # 1. Configuration: one flat typed config per stage, presets as override dicts
-# =============================================================================================
 CHOICES = dict(lm_mode=("freeze", "ft"), objective=("v", "eps", "x0"), loss=("l2", "l1"),
                t_sampling=("auto", "uniform", "adaptive"))  # string fields with a fixed set of values
 
@@ -76,6 +75,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # JSON stores the tuple as a list
         if bad := {k: getattr(self, k) for k, c in CHOICES.items() if getattr(self, k, c[0]) not in c}:
             raise UserError("; ".join(f"--{k} '{v}' is not one of {', '.join(CHOICES[k])}" for k, v in bad.items()))
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise UserError("--steps and --batch_size must be positive")
 
 @dataclass
 class AEConfig(TrainConfig):
@@ -123,6 +124,9 @@ class DiffConfig(TrainConfig):
     mse_weight: float = opt(1.0, "(J1) weight of L_mse")
     ce_weight: float = opt(1.0, "(J1) weight of L_ce")
     decoder_noise: float = opt(0.1, "(J4) std of noise on the latents fed to the decoder (joint only; 0 = off)")
+    # (J4 in a two-stage model) after the denoiser, fine-tune the decoder on noised latents of the frozen encoder.
+    tune_decoder: int = opt(0, "steps of decoder fine-tuning on x + σε after the denoiser (two-stage; 0 = off)")
+    tune_noise: float = opt(2.0, "σ of that fine-tuning: how much of the denoiser's error the decoder learns to forgive")
     # Defaults used by `sample` (each also a flag of `sample`).
     sampler: str = opt("ddpm", "ddpm | ddim | dpmpp: default sampler")
     sample_steps: int = opt(250, "default sampling steps (paper: 250)")
@@ -135,9 +139,10 @@ PRESETS = {
         ae=dict(data="demo", lm="tiny-t5", lm_mode="ft", max_len=32, num_latents=16, d_ae=32, ae_dim=128,
                 ae_heads=4, enc_layers=2, dec_layers=2, batch_size=64, lr=1e-3, warmup=200, steps=1200,
                 num_eval=500, eval_every=400, weight_decay=0.0, latent_noise=0.5),
-        # A short run needs a short EMA (window ~1/(1−decay) = 200 steps) and a high peak lr (1500-step probes, README)
+        # A short run needs a short EMA (window ~1/(1−decay) = 200 steps) and a high peak lr (1500-step probes, README);
+        # the decoder fine-tuning (J4, two-stage) takes its 2 minutes from the denoiser's 4000 steps.
         diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, batch_size=128, lr=3e-3, warmup=200,
-                  steps=4000, ema_decay=0.995, eval_every=1000, weight_decay=0.0, warmup_joint=1000)),
+                  steps=3500, ema_decay=0.995, eval_every=1000, weight_decay=0.0, warmup_joint=1000, tune_decoder=1500)),
     # Paper recipes with BART-base (Tables 13-14).
     "roc": dict(ae=dict(data="mintujupally/ROCStories", text_column="text"), diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6)),
     "ag_news": dict(ae=dict(data="fancyzhx/ag_news", text_column="text", label_column="label", eval_split="test"),
@@ -149,10 +154,13 @@ PRESETS = {
     "qqp": dict(ae=dict(data="glue:qqp", text_column="question2", source_column="question1", eval_split="validation"),
                 diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6, seq2seq=True, loss="l1", guidance=2.0)),
 }
-# The demo's conditional variants reuse the demo autoencoder and change only the denoiser.
-PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(PRESETS["demo"]["diff"], class_cond=True, label_column="label"))
-PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(PRESETS["demo"]["diff"], seq2seq=True, source_column="source",
-                                                                  loss="l1", guidance=2.0, max_source_len=48))
+# The demo's conditional variants reuse the demo autoencoder and its schedule (3500 denoiser steps, then the
+# decoder fine-tuning); only the conditioning changes.
+_cond = PRESETS["demo"]["diff"]
+PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, class_cond=True, label_column="label"))
+# Cross-attention makes a seq2seq step ~2x slower on a CPU: 2200 steps keep the demo under 15 minutes.
+PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, seq2seq=True, source_column="source", loss="l1",
+                                                                  guidance=2.0, max_source_len=48, steps=2200))
 
 DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split", "eval_split", "max_len", "num_eval", "max_train"}
 
@@ -167,18 +175,21 @@ def make_config(cls, preset, **overrides):
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(preset=preset, **values)
 
-def load_config(cls, path):
+def load_config(cls, run_dir, missing="{} is not a run directory (no config.json)"):
+    """The config a run directory was trained with (raw JSON too: `train` stores the autoencoder's path beside it)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(missing.format(run_dir))
     raw = json.load(open(path, encoding="utf-8"))
     names = {f.name for f in dataclasses.fields(cls)}
     if raw.get("stage") != cls.__name__ or not names >= set(raw["config"]):
         raise UserError(f"{path} is not a {cls.__name__} run of this version (stage '{raw.get('stage')}', "
                         f"unknown fields: {sorted(set(raw.get('config', {})) - names)})")
-    return cls(**raw["config"])
+    return cls(**raw["config"]), raw
 
 
 # =============================================================================================
 # 2. Data: the built-in demo corpus (a small exact grammar) and one loader for every source
-# =============================================================================================
 # The demo grammar. Sentence:  [TIME, ] SUBJ VP [and VP] [PLACE] [TIME].
 #   SUBJ = DET(n) [ADJ] NOUN(n), VP = VERB(n) DET(m) [ADJ] OBJ(m) [ADV], PLACE = PREP the [ADJ] SITE
 # with subject-verb number agreement, a/an by the next word's first letter, determiner-noun
@@ -221,9 +232,6 @@ IRREGULAR_3SG = {"watch": "watches", "catch": "catches", "study": "studies"}
 def _inflect(words, irregular):  # plural nouns or third-person verbs: the same -s / -es rule
     return [irregular.get(w, w + ("es" if w.endswith(("ch", "sh", "s", "x")) else "s")) for w in words]
 
-def _a_or_an(word):
-    return "an" if word[0] in "aeiou" else "a"
-
 def _demo_words(topic):
     w = {k: v.split() for k, v in DEMO_TOPICS[topic].items()}
     return dict(noun_sg=w["noun"], noun_pl=_inflect(w["noun"], IRREGULAR_PLURAL), verb_pl=w["verb"], adj=w["adj"], site=w["site"],
@@ -238,7 +246,7 @@ def demo_sentence(rng: random.Random, topic: str):
         adj = rng.choice(w["adj"]) if rng.random() < 0.5 else None
         det = rng.choice(DEMO_DET[number])
         if det == "a":
-            det = _a_or_an(adj or noun)
+            det = "an" if (adj or noun)[0] in "aeiou" else "a"
         return " ".join(x for x in (det, adj, noun) if x), noun
 
     number = rng.choice(["sg", "pl"])
@@ -330,28 +338,28 @@ class Split:
         return Split(pick(self.texts), pick(self.labels), pick(self.sources))
 
 def _rows_from_file(path, cfg):
-    """Rows (dicts) from a local .txt, .jsonl, .csv or ROCStories-style .json file."""
+    """Rows (dicts) from a local .txt, .jsonl, .csv or ROCStories-style .json file (one JSON value per line)."""
     import csv
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".txt", ".csv", ".jsonl", ".json"):
+        raise UserError(f"{path}: unsupported file type '{ext}' (use .txt, .jsonl, .csv or .json)")
     try:
         with open(path, encoding="utf-8") as f:
-            if ext == ".txt":
-                return [{"text": line.rstrip("\n")} for line in f if line.strip()]
             if ext == ".csv":
                 return list(csv.DictReader(f))
-            if ext in (".jsonl", ".json"):
-                rows = []
-                for i, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    obj = json.loads(line)
-                    rows.append({"text": obj[0]} if isinstance(obj, list) and len(obj) == 1 else obj)
-                return rows
+            lines = [(i, l) for i, l in enumerate(f, 1) if l.strip()]
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {e.lineno if hasattr(e, 'lineno') else '?'} is not JSON ({e.msg})")
-    raise UserError(f"{path}: unsupported file type '{ext}' (use .txt, .jsonl, .csv or .json)")
+    if ext == ".txt":
+        return [{"text": l.rstrip("\n")} for _, l in lines]
+    rows = []
+    for i, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {i} is not JSON ({e.msg})")
+        rows.append({"text": obj[0]} if isinstance(obj, list) and len(obj) == 1 else obj)
+    return rows
 
 MAX_CHARS_PER_TOKEN = 100  # a target text longer than this many characters per allowed token is a format error
 
@@ -433,16 +441,13 @@ def load_data(cfg: TrainConfig):
         val, test, train = carve(train, 2)
     if cfg.max_train:
         train = train.take(range(min(cfg.max_train, len(train.texts))))
-    if train.labels is not None:
-        labels = set(train.labels)
-        if min(labels) < 0:
-            raise UserError(f"labels must be 0..C-1; found {min(labels)}")
+    if train.labels is not None and min(train.labels) < 0:
+        raise UserError(f"labels must be 0..C-1; found {min(train.labels)}")
     return dict(train=train, val=val, test=test)
 
 
 # =============================================================================================
 # 3. Language models: pretrained BART/T5 by name, or a tiny random BART with its own BPE
-# =============================================================================================
 def train_tokenizer(texts, vocab_size):
     """Byte-level BPE trained on the training texts (the `tokenizers` library does the work)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -504,7 +509,6 @@ def tokenize(tok, texts, max_len, warn=None):
 
 # =============================================================================================
 # 4. Language autoencoder (§3.1): compression network f_φ (C1-C3), reconstruction network g_φ (R1-R2)
-# =============================================================================================
 class Attention(nn.Module):
     """Multi-head attention with query-key RMSNorm (C1) through scaled_dot_product_attention."""
 
@@ -649,7 +653,6 @@ class LatentAutoencoder(nn.Module):
 
 # =============================================================================================
 # 5. Denoising network (§3.2): pre-LN transformer, GeGLU, α-conditioning (T1), dense long skips
-# =============================================================================================
 class GEGLU(nn.Module):
     def forward(self, x):
         x, gate = x.chunk(2, dim=-1)
@@ -731,7 +734,6 @@ class Denoiser(nn.Module):
 
 # =============================================================================================
 # 6. Diffusion (§2, App. A): cosine schedule (D4, D5), parameterisations (D3), loss, J3 timesteps
-# =============================================================================================
 ALPHA_EPS = 1e-6  # keep α_t inside (0, 1) so log-SNR and the D2 ratios stay finite at t = 0 and 1
 
 def alpha_cosine(t, scale=1.0):
@@ -821,7 +823,6 @@ def null_condition(cond, num_classes):
 
 # =============================================================================================
 # 7. Sampling (App. A): one loop, three update rules (D6 DDPM, D7 DDIM, DPM-Solver++ 2M)
-# =============================================================================================
 def guided_model_fn(model, cfg: DiffConfig, cond, guidance):
     """The sampler's view of the network: (z_t, t, x̂_prev) → (x̂, ε̂) with classifier-free guidance
     (G3) on the raw prediction; conditional and unconditional passes share one batched forward."""
@@ -881,20 +882,16 @@ def sample_loop(update, model_fn, z, ts, cfg: DiffConfig, generator=None, progre
         a_t, a_s = (alpha_cosine(torch.tensor(t, device=z.device, dtype=torch.float64), cfg.schedule_scale).to(z.dtype)
                     for t in (ts[i], ts[i + 1]))
         z = update(z, x0, eps, a_t, a_s, state, generator)
-        if progress:
+        if progress:  # progress(i, z_s, x̂): a hook for watching the trajectory (the notebook decodes it)
             progress(i, z, x0)
     return x0
 
 
 # =============================================================================================
 # 8. Training: device, optimizer, atomic checkpoints, one flat loop shared by both stages
-# =============================================================================================
 def pick_device(name="auto"):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(auto if name == "auto" else name)
 
 def autocast(device):
     """bf16 autocast on CUDA; float32 elsewhere (CPU bf16 is slower than float32 on most machines)."""
@@ -1140,9 +1137,7 @@ def build_autoencoder(cfg: AEConfig, run_dir=None, texts=None):
 
 def load_autoencoder(run_dir, device, weights="ae"):
     """A trained autoencoder run (config, tokenizer, weights) ready for encoding and decoding."""
-    if not os.path.isfile(os.path.join(run_dir, "config.json")):
-        raise UserError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = load_config(AEConfig, os.path.join(run_dir, "config.json"))
+    cfg = load_config(AEConfig, run_dir)[0]
     ae = build_autoencoder(cfg, run_dir)
     load_weights(ae, os.path.join(checkpoint_dir(run_dir), f"{weights}.safetensors"))
     return ae.to(device).eval(), cfg
@@ -1169,8 +1164,6 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     """§3.1: train f_φ, g_φ (and the tiny LM) with token cross-entropy; writes eval_ae.json."""
     if cfg.lm.startswith("tiny") and cfg.lm_mode != "ft":
         raise UserError("a tiny random LM must be trained: use --lm_mode ft")
-    if cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise UserError("--steps and --batch_size must be positive")
     data = load_data(cfg)
     resume = prepare_run_dir(out, resume, overwrite)
     device = pick_device(cfg.device)
@@ -1278,14 +1271,12 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     the LDLM recipe: encoder, denoiser and decoder in one step (J1-J4)."""
     if not cfg.ae:
         raise UserError("train needs --ae RUN_DIR of a trained autoencoder (python ld4lg.py train-ae ...)")
-    if cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise UserError("--steps and --batch_size must be positive")
     if cfg.class_cond and not cfg.label_column or cfg.seq2seq and not cfg.source_column:
         raise UserError("class_cond needs --label_column and seq2seq needs --source_column")
     device = pick_device(cfg.device)
     rank, world = setup_distributed(device)
-    if cfg.joint and world > 1:
-        raise UserError("--joint trains in one process (no torchrun)")
+    if world > 1 and (cfg.joint or cfg.tune_decoder):
+        raise UserError("--joint and --tune_decoder train in one process (no torchrun; --tune_decoder 0 turns it off)")
     ae, ae_cfg = load_autoencoder(cfg.ae, device)
     data = load_data(cfg)
     train = data["train"]
@@ -1347,21 +1338,46 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         row = dict(val_loss=val_loss, samples=texts)
         if cfg.joint:
             row["latent_var"] = float(x.var(0).mean())
-            if row["latent_var"] < LATENT_COLLAPSE:
+            if row["latent_var"] < 1e-3:  # per-dimension variance across the batch near 0: the latents collapse
                 tqdm.write(f"warning: latent variance across the batch is {row['latent_var']:.2e}: the latent space is collapsing")
         return row
 
     step, secs = train_loop(cfg, out, trainable, loss_fn, validate, device, resume, weights, ema=(ema, model), schedule="cosine")
+    tuned = tune_decoder(cfg, out, ae, train.texts, latents, data["test"], device, resume) if cfg.tune_decoder and not cfg.joint else None
     if rank > 0:
         return {}
     if adaptive is not None:
         plot_density(adaptive, out)
     summary = dict(steps=step, train_minutes=round(secs / 60, 2), device=str(device), num_train=len(train.texts),
                    params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+    if tuned:
+        summary["decoder"] = tuned
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
-LATENT_COLLAPSE = 1e-3  # per-dimension variance of latents across a batch below which we warn (J-recipe diagnostic)
+def tune_decoder(cfg: DiffConfig, out, ae, texts, latents, test: Split, device, resume):
+    """(J4 in a two-stage model) Fine-tune g_φ and the LM decoder to read x + σε, x the frozen encoder's cached
+    latents: the decoder learns to forgive a denoiser's errors, while the encoder, and so the latents the denoiser
+    learned, stay as they were. A nested run in out/decoder (sampling uses it; reconstruction in its eval_ae.json)."""
+    run_dir, ae_cfg = os.path.join(out, "decoder"), ae.cfg
+    tcfg = dataclasses.replace(cfg, steps=cfg.tune_decoder, batch_size=64, lr=3e-4, warmup=100, eval_every=500)
+    resume = prepare_run_dir(run_dir, resume and os.path.isdir(run_dir), overwrite=False)
+    ae.requires_grad_(False)
+    ae.reconstructor.requires_grad_(True)
+    ae.lm.get_decoder().requires_grad_(ae_cfg.lm_mode == "ft")
+    ae.lm.get_input_embeddings().requires_grad_(False)  # shared with the encoder (and the tied output layer)
+    ids_all, mask_all = tokenize(ae.tok, texts, ae_cfg.max_len)
+
+    def loss_fn(step, idx, gen, net):
+        L = int(mask_all[idx].sum(1).max())  # trim the batch to its longest text
+        x = ae.noised(latents[idx.to(latents.device)], cfg.tune_noise, gen)  # (J4) noise in training only
+        loss, acc = ae.decoder_loss(ae.reconstructor(x), ids_all[idx, :L].to(device), mask_all[idx, :L].to(device))
+        return loss, dict(loss=loss, token_acc=acc)
+    loss_fn.num_rows = len(texts)
+    step, secs = train_loop(tcfg, run_dir, ae, loss_fn, None, device, resume, {"ae": ae})
+    metrics = dict(ae_reconstruction_metrics(ae, test, ae_cfg, device), steps=step, train_minutes=round(secs / 60, 2))
+    write_json(os.path.join(run_dir, "eval_ae.json"), metrics)
+    return {k: v for k, v in metrics.items() if k != "examples"}
 
 def plot_density(adaptive, run_dir):
     """The learned (J3) density over t and the loss EMA it came from, to adaptive_t.png."""
@@ -1373,8 +1389,7 @@ def plot_density(adaptive, run_dir):
 
 # =============================================================================================
 # 9. Generation: latents from noise, then text (§3.2 decoding), MBR (G4)
-# =============================================================================================
-def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, generator, progress=None):
+def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, generator):
     """n latents (n, ℓ, d_ae) by the reverse process over a linear grid 1 → 0 with `steps` network calls."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}' (choose from {', '.join(SAMPLERS)})")
@@ -1382,20 +1397,20 @@ def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, 
     z = torch.randn((n, *model.null_self_cond.shape), device=device, generator=generator)  # z_1 ~ N(0, I)
     ts = torch.linspace(1, 0, steps + 1).tolist()
     with autocast(device):
-        return sample_loop(SAMPLERS[sampler], guided_model_fn(model, cfg, cond, guidance), z, ts, cfg, generator, progress).float()
+        return sample_loop(SAMPLERS[sampler], guided_model_fn(model, cfg, cond, guidance), z, ts, cfg, generator).float()
 
 def load_run(run_dir, device):
     """(cfg, autoencoder, EMA denoiser, source encoder) of a trained diffusion run: all that sampling needs."""
-    if not os.path.isfile(os.path.join(run_dir, "config.json")):
-        raise UserError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = load_config(DiffConfig, os.path.join(run_dir, "config.json"))
-    ae_dir = os.path.normpath(os.path.join(run_dir, json.load(open(os.path.join(run_dir, "config.json")))["ae_dir"]))
+    cfg, raw = load_config(DiffConfig, run_dir)
+    ae_dir = os.path.normpath(os.path.join(run_dir, raw["ae_dir"]))
     ae, ae_cfg = load_autoencoder(ae_dir, device)
     ck = checkpoint_dir(run_dir)
     if cfg.joint:
         ae.reconstructor = Reconstructor(ae.lm.config.d_model, ae_cfg, readout=True).to(device)
         load_weights(ae, os.path.join(ck, "ae.safetensors"))
         ae.eval()
+    if cfg.tune_decoder and not cfg.joint:  # the decoder fine-tuned after the denoiser (J4, two-stage)
+        load_weights(ae, os.path.join(checkpoint_dir(os.path.join(run_dir, "decoder")), "ae.safetensors"))
     encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device).eval()
     load_weights(model, os.path.join(ck, "ema.safetensors"))
@@ -1459,8 +1474,7 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
 DECODE = dict(num_beams=4, repetition_penalty=1.2, no_repeat_ngram_size=3)  # official decoding settings; CLI flags override
 
 def timing_summary(clock):
-    n = max(clock["samples"], 1)
-    total = clock["diffusion_s"] + clock["decoding_s"]
+    n, total = max(clock["samples"], 1), clock["diffusion_s"] + clock["decoding_s"]
     return dict(samples=clock["samples"], samples_per_s=round(n / max(total, 1e-9), 2),
                 diffusion_s_per_1000=round(1000 * clock["diffusion_s"] / n, 1), decoding_s_per_1000=round(1000 * clock["decoding_s"] / n, 1),
                 total_s_per_1000=round(1000 * total / n, 1))
@@ -1533,7 +1547,6 @@ def cmd_sample(args):
 
 # =============================================================================================
 # 10. Evaluation (§4.1): n-gram metrics by hand (exact, tiny); MAUVE and perplexity via libraries
-# =============================================================================================
 def words(text):
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
@@ -1668,6 +1681,13 @@ def rouge_max(hyp, refs, n):
 def rouge_metrics(hyps, refs):
     return {f"rouge_{n}": 100 * float(np.mean([rouge_max(h, r, n) for h, r in zip(hyps, refs)])) for n in (1, 2, "l")}
 
+def read_texts(path, what):
+    """Texts of a .txt file (one per line) or a .jsonl file ({"text": ...} per line)."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{what} file not found: {path}")
+    lines = [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
+    return [json.loads(l)["text"] if l.startswith("{") else l for l in lines]
+
 def mean_std(rows):
     """(mean, std) over seeds of every numeric metric; a metric that could not be computed stays None."""
     return {k: None if v is None else (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows])))
@@ -1676,7 +1696,7 @@ def mean_std(rows):
 def markdown_table(named_rows, featurizer):
     """Table 2 shape: one row per system, mean ± std over seeds; MAUVE names its featurizer."""
     cols = ["mauve", "perplexity", "diversity", "memorization", "valid", "distinct", "novelty", "topic_acc", "slot_acc",
-            "rouge_1", "rouge_2", "rouge_l", "mbr_rouge_l", "oracle_rouge_l", "total_s_per_1000"]
+            "mbr_slot_acc", "rouge_1", "rouge_2", "rouge_l", "mbr_rouge_l", "oracle_rouge_l", "total_s_per_1000"]
     cols = [c for c in cols if any(c in r for _, r in named_rows)]
     head = [f"MAUVE ({featurizer})" if c == "mauve" else c for c in cols]
     lines = ["| system | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -1689,6 +1709,8 @@ def markdown_table(named_rows, featurizer):
 def cmd_eval(args):
     """`eval RUN_DIR` (the paper's protocol over seeds, --steps trade-off, --guidance_sweep) or
     `eval --samples FILE --references SPLIT_OR_FILE` for texts from any system."""
+    if not args.run_dir and not args.samples:
+        raise UserError("eval needs RUN_DIR or --samples FILE")
     device = pick_device(args.device)
     set_decoding(args)
     if args.featurizer.startswith((".", "/")) and not os.path.isdir(args.featurizer):  # a typo, not a network problem
@@ -1702,14 +1724,8 @@ def cmd_eval(args):
         except UserError as e:
             print(f"perplexity skipped: {e}", file=sys.stderr)
     if args.samples:  # external samples: no run needed
-        if not os.path.isfile(args.samples):
-            raise UserError(f"samples file not found: {args.samples}")
-        texts = [json.loads(l)["text"] for l in open(args.samples, encoding="utf-8") if l.strip()]
-        refs = [json.loads(l)["text"] if l.lstrip().startswith("{") else l.strip()
-                for l in open(args.references, encoding="utf-8") if l.strip()] if args.references and os.path.isfile(args.references) else None
-        if refs is None:
-            raise UserError("--samples needs --references FILE (.txt lines or .jsonl with 'text')")
-        train = refs if not args.train_file else [l.strip() for l in open(args.train_file, encoding="utf-8")]
+        texts, refs = read_texts(args.samples, "--samples"), read_texts(args.references, "--references")
+        train = read_texts(args.train_file, "--train_file") if args.train_file else refs
         m = text_metrics(texts, refs[:len(texts)], train, featurize, ppl)
         print(markdown_table([(os.path.basename(args.samples), m)], args.featurizer))
         out = os.path.splitext(args.samples)[0] + ".eval.json"
@@ -1792,7 +1808,6 @@ def plot_sweep(sweep, xlabel, path):
 
 # =============================================================================================
 # 11. Benchmark: random models of a preset's exact shapes, no weights or data needed
-# =============================================================================================
 LM_SHAPES = {  # published shapes, used when the config cannot be fetched (offline); d, layers, heads, ffn, vocab
     "facebook/bart-base": (768, 6, 12, 3072, 50265), "facebook/bart-large": (1024, 12, 16, 4096, 50265)}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}  # dense bf16
@@ -1878,8 +1893,9 @@ def cmd_bench(args):
     batches = 1000 / args.sample_batch
     res.update(sample_batch=args.sample_batch, diffusion_s_per_1000=round(batches * 250 * call, 1),
                decoding_s_per_1000=round(batches * dec, 1))
-    res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else \
-        round(__import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    import resource  # CPU: the process's peak resident memory (KiB on Linux)
+    res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
+                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print("| " + " | ".join(res) + " |\n|" + "---|" * len(res) + "\n| " + " | ".join(str(v) for v in res.values()) + " |")
     if args.output:
         write_json(args.output, res)
@@ -1888,7 +1904,6 @@ def cmd_bench(args):
 
 # =============================================================================================
 # 12. Command line
-# =============================================================================================
 def add_config_flags(parser, cls):
     """One --flag per config field, its help text the field's comment; None means 'not given'."""
     for f in dataclasses.fields(cls):
@@ -1901,15 +1916,6 @@ def add_config_flags(parser, cls):
             parser.add_argument(f"--{f.name}", type=float, nargs=len(f.default), default=None, help=f.metadata["help"])
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{f.metadata['help']} (default {f.default!r})")
-
-def resume_config(cls, out):
-    path = os.path.join(out, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: {out} holds no run (no config.json)")
-    return load_config(cls, path)
-
-def config_from_args(cls, args):
-    return make_config(cls, args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "preset"})
 
 def build_parser():
     p = argparse.ArgumentParser(prog="ld4lg.py", description=__doc__.split("\n\n")[0],
@@ -1976,20 +1982,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     try:
-        if args.command == "train-ae":
-            cfg = resume_config(AEConfig, args.out) if args.resume else config_from_args(AEConfig, args)
-            train_ae(cfg, args.out, args.resume, args.overwrite)
-        elif args.command == "train":
-            cfg = resume_config(DiffConfig, args.out) if args.resume else config_from_args(DiffConfig, args)
-            train_diffusion(cfg, args.out, args.resume, args.overwrite)
-        elif args.command == "sample":
-            cmd_sample(args)
-        elif args.command == "bench":
-            cmd_bench(args)
-        elif args.command == "eval":
-            if not args.run_dir and not args.samples:
-                raise UserError("eval needs RUN_DIR or --samples FILE")
-            cmd_eval(args)
+        if args.command in ("train-ae", "train"):
+            cls, train = (AEConfig, train_ae) if args.command == "train-ae" else (DiffConfig, train_diffusion)
+            cfg = load_config(cls, args.out, "--resume: {} holds no run (no config.json)")[0] if args.resume else \
+                make_config(cls, args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "preset"})
+            train(cfg, args.out, args.resume, args.overwrite)
+        else:
+            dict(sample=cmd_sample, bench=cmd_bench, eval=cmd_eval)[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 130 if isinstance(e, Interrupted) else 2

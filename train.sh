@@ -35,6 +35,7 @@ ae() {  # train the autoencoder unless a finished one exists (the conditional de
 case $preset in
   demo|demo-noselfcond)
     ae runs/demo/ae --preset demo
+    # denoiser (3500 steps) → decoder fine-tuning on noised latents (J4, two-stage; runs/demo/diffusion/decoder)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
     $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel
@@ -61,11 +62,12 @@ case $preset in
     ;;
   demo-joint-ablation)
     # LDLM's ablation at a fixed 1000 steps of batch 64 (J2 ramp over 500): naive joint training, the
-    # full recipe with one part removed at a time, the full recipe, and the two-stage denoiser.
+    # full recipe with one part removed at a time, the full recipe, and the two-stage denoiser (measured
+    # without the decoder fine-tuning that the demo preset now adds).
     ae runs/demo/ae --preset demo
     declare -A flags=([naive]="--joint --no-mse_loss --warmup_joint 0 --t_sampling uniform --decoder_noise 0"
       [no-J1]="--joint --no-mse_loss" [no-J2]="--joint --warmup_joint 0" [no-J3]="--joint --t_sampling uniform"
-      [no-J4]="--joint --decoder_noise 0" [full]="--joint" [two-stage]="")
+      [no-J4]="--joint --decoder_noise 0" [full]="--joint" [two-stage]="--tune_decoder 0")
     for v in naive no-J1 no-J2 no-J3 no-J4 full two-stage; do
       # shellcheck disable=SC2086  # the flags are meant to split into words
       $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/$v" --overwrite --batch_size 64 --steps 1000 \
@@ -81,14 +83,14 @@ case $preset in
        --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500
     if [ "$preset" = e2e-seq2seq ]; then
       $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
-          --max_len 64 --max_source_len 64 --steps 2000 --time_budget 20 "$@"
+          --max_len 64 --max_source_len 64 --steps 2000 --time_budget 20 --tune_decoder 0 "$@"
       $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     else
       for mode in two-stage joint; do
         # joint: batch 64 and a 300-step γ ramp, so that the slower joint step still completes its warm-up
         j=(); [ $mode = joint ] && j=(--joint --batch_size 64 --warmup_joint 300)
         $py ld4lg.py train --preset demo --ae runs/e2e-tiny/ae --out "$runs/$mode" --overwrite --data "$E2E_DIR" \
-            --text_column ref --max_len 64 --steps 100000 --time_budget 15 "${j[@]}" "$@"
+            --text_column ref --max_len 64 --steps 100000 --time_budget 15 --tune_decoder 0 "${j[@]}" "$@"
         $py ld4lg.py eval "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
       done
     fi

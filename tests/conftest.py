@@ -15,7 +15,7 @@ TINY_AE = dict(data="demo", lm="tiny", lm_mode="ft", tiny_dim=32, tiny_layers=1,
                d_ae=8, ae_dim=32, ae_heads=2, enc_layers=1, dec_layers=1, batch_size=16, steps=4, warmup=1,
                num_eval=20, eval_every=2, log_every=1, max_train=300)
 TINY_DIFF = dict(dim=32, depth=2, heads=2, skips=1, batch_size=16, steps=4, warmup=1, eval_every=2, log_every=1,
-                 max_train=300, num_eval=20, ema_decay=0.9)
+                 max_train=300, num_eval=20, ema_decay=0.9, tune_decoder=3)
 
 
 def ae_cfg(**kw):

@@ -56,7 +56,7 @@ def test_checkpoint_round_trip(ae_run):
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:4], cfg.max_len)
     assert torch.equal(ae.encode(ids, mask), ae2.encode(ids, mask))
     assert os.path.isfile(os.path.join(ae_run, "eval_ae.json")) and os.path.isfile(os.path.join(ae_run, "loss.png"))
-    assert cfg == ld4lg.load_config(ld4lg.AEConfig, os.path.join(ae_run, "config.json"))
+    assert cfg == ld4lg.load_config(ld4lg.AEConfig, ae_run)[0]
 
 
 def test_frozen_lm_gets_no_gradient():

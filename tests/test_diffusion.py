@@ -1,5 +1,6 @@
 """§2, App. A: schedule identities, exact parameterisation conversions, samplers with an oracle."""
 import math
+import os
 
 import pytest
 import torch
@@ -77,10 +78,14 @@ def test_ddim_oracle_exact_every_step():
     ts = torch.linspace(1, 0, 21).tolist()
     a0 = ld4lg.alpha_cosine(torch.tensor(ts[0], dtype=torch.float64))
     z = a0.sqrt() * x + (1 - a0).sqrt() * eps
-    seen = []
-    ld4lg.sample_loop(ld4lg.ddim_update, oracle_fn(x, eps), z, ts, diff_cfg(self_cond=False), g,
-                      progress=lambda i, z, x0: seen.append((i, z.clone())))
-    for i, z_s in seen:
+    seen = []  # z_s after each update, recorded by wrapping the update rule
+
+    def ddim_recorded(*args):
+        seen.append(ld4lg.ddim_update(*args))
+        return seen[-1]
+    ld4lg.sample_loop(ddim_recorded, oracle_fn(x, eps), z, ts, diff_cfg(self_cond=False), g)
+    assert len(seen) == len(ts) - 2  # the last step returns x̂ instead of updating
+    for i, z_s in enumerate(seen):
         a = ld4lg.alpha_cosine(torch.tensor(ts[i + 1], dtype=torch.float64))
         assert torch.allclose(z_s, a.sqrt() * x + (1 - a).sqrt() * eps, atol=1e-6)
 
@@ -120,3 +125,22 @@ def test_adaptive_time_converges_to_slope_density():
     assert torch.allclose(at.density()[1:-1], target[1:-1], atol=0.004)
     s = at.sample(20000, g)
     assert 0.6 < s.mean() < 0.72  # E[t] under p(t) = 2t is 2/3
+
+
+def test_decoder_tuning_keeps_the_encoder_and_changes_the_decoder(ae_run, diff_run):
+    """(J4, two-stage) after the denoiser, only g_φ and the LM decoder move: the latents the denoiser
+    learned are unchanged, and sampling reads the fine-tuned decoder."""
+    cpu = torch.device("cpu")
+    before, _ = ld4lg.load_autoencoder(ae_run, cpu)
+    after = ld4lg.load_run(diff_run, cpu)[1]
+    old, new = before.state_dict(), after.state_dict()
+    encoder = [k for k in old if k.startswith(("compressor.", "lm.encoder.", "lm.shared.", "lm.model.shared.", "lm.model.encoder."))]
+    assert encoder and all(torch.equal(old[k], new[k]) for k in encoder)
+    assert not torch.equal(old["reconstructor.in_proj.weight"], new["reconstructor.in_proj.weight"])
+    decoder = [k for k in old if ".decoder.layers." in k or ".decoder.block." in k]
+    assert decoder and any(not torch.equal(old[k], new[k]) for k in decoder)
+    texts = ld4lg.demo_corpus(8, seed=3)
+    x_old = ld4lg.encode_latents(before, [t for t, _, _ in texts], 32, cpu)
+    x_new = ld4lg.encode_latents(after, [t for t, _, _ in texts], 32, cpu)
+    assert torch.equal(x_old, x_new)
+    assert os.path.isfile(os.path.join(diff_run, "decoder", "eval_ae.json"))

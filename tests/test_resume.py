@@ -32,8 +32,10 @@ def stage_args(stage, ae_run, out):
 
 
 def weights(out):
-    ck = ld4lg.checkpoint_dir(out)
-    return {f: load_file(os.path.join(ck, f)) for f in sorted(os.listdir(ck)) if f.endswith(".safetensors")}
+    """Every checkpoint's tensors: the run's, and the decoder fine-tuning's (out/decoder) where there is one."""
+    runs = [out] + [os.path.join(out, "decoder")] * os.path.isdir(os.path.join(out, "decoder"))
+    cks = {os.path.relpath(r, out): ld4lg.checkpoint_dir(r) for r in runs}
+    return {(name, f): load_file(os.path.join(ck, f)) for name, ck in cks.items() for f in sorted(os.listdir(ck)) if f.endswith(".safetensors")}
 
 
 @pytest.mark.parametrize("stage", ["train-ae", "train", "joint"])
