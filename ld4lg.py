@@ -1733,6 +1733,8 @@ def cmd_eval(args):
         return m
     run = load_run(args.run_dir, device)
     cfg = run[0]
+    if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
+        raise UserError("--guidance_sweep needs a class-conditional or seq2seq model; this one is unconditional")
     data = load_data(cfg)
     train_texts, test = data["train"].texts, data["test"]
     n, demo = args.num_samples, cfg.data == "demo"
@@ -1782,7 +1784,7 @@ def cmd_eval(args):
         report["steps_sweep"] = {s: run_once(0, steps=s) for s in args.steps}
         named += [(f"{sampler} {s} steps (seed 0)", m) for s, m in report["steps_sweep"].items()]
         plot_sweep(report["steps_sweep"], "steps", os.path.join(args.run_dir, "steps_sweep.png"))
-    if args.guidance_sweep and cfg.class_cond:  # topic accuracy / validity vs guidance weight
+    if args.guidance_sweep:  # topic accuracy or slot check, and validity, vs guidance weight
         report["guidance_sweep"] = {w: run_once(0, guidance=w) for w in args.guidance_sweep}
         named += [(f"w = {w} (seed 0)", m) for w, m in report["guidance_sweep"].items()]
         plot_sweep(report["guidance_sweep"], "guidance w", os.path.join(args.run_dir, "guidance_sweep.png"))
@@ -1796,7 +1798,7 @@ def plot_sweep(sweep, xlabel, path):
     """Metrics (left axis) and wall-clock seconds per 1000 samples (right axis) against a swept setting."""
     xs = list(sweep)
     with figure(path) as ax:
-        for key in ("mauve", "valid", "topic_acc", "slot_acc", "diversity", "rouge_l"):
+        for key in ("mauve", "valid", "topic_acc", "slot_acc", "mbr_slot_acc", "diversity", "rouge_l"):
             ys = [sweep[x].get(key) for x in xs]
             if all(y is not None for y in ys):
                 ax.plot(xs, [y / 100 if key.startswith("rouge") else y for y in ys], marker="o", label=key)
@@ -1906,9 +1908,7 @@ def cmd_bench(args):
 # 12. Command line
 def add_config_flags(parser, cls):
     """One --flag per config field, its help text the field's comment; None means 'not given'."""
-    for f in dataclasses.fields(cls):
-        if f.name == "preset":
-            continue
+    for f in [f for f in dataclasses.fields(cls) if f.name != "preset"]:  # --preset is a run flag
         kind = type(f.default)
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
@@ -1942,7 +1942,7 @@ def build_parser():
     add_sample_flags(e, sweep=True)
     e.add_argument("--seeds", type=int, default=5, help="sampling seeds; the table shows mean ± std (paper: 5); 0 = sweeps only")
     e.add_argument("--guidance_sweep", type=lambda s: [float(x) for x in s.split(",")],
-                   help="comma list of w for class-conditional runs, e.g. 0,1,2,3")
+                   help="comma list of w for conditional runs, e.g. 0,1,2,3")
     e.add_argument("--featurizer", default="gpt2-large", help=f"MAUVE features: causal LM or sentence-embedding dir, '{OFFLINE_FEATURIZER}' offline, or none")
     e.add_argument("--ppl_model", default="gpt2-large", help="causal LM for perplexity, or none")
     e.add_argument("--samples", help="score this JSONL of {'text': ...} instead of sampling a run")

@@ -71,6 +71,8 @@ def cases(ae_run, diff_run, class_run, b, tmp):
         "sample from an autoencoder run": ["sample", ae_run, "--output", str(tmp / "s.jsonl")],
         "negative sample steps": ["sample", diff_run, "--steps", "-5", "--output", str(tmp / "s.jsonl")],
         "guidance for an unconditional model": ["sample", diff_run, "--guidance", "2", "--output", str(tmp / "s.jsonl")],
+        "guidance sweep for an unconditional model": ["eval", diff_run, "--guidance_sweep", "0,2", "--featurizer", "none",
+                                                      "--ppl_model", "none", "--num_samples", "4"],
         "class id out of range": ["sample", class_run, "--class", "9", "--output", str(tmp / "s.jsonl")],
         "source file without seq2seq": ["sample", diff_run, "--source-file", str(b / "sources.txt"), "--output", str(tmp / "s.jsonl")],
         "missing featurizer directory": ["eval", diff_run, "--featurizer", str(tmp / "no_model"), "--num_samples", "4"],
