@@ -140,7 +140,7 @@ PRESETS = {
                 ae_heads=4, enc_layers=2, dec_layers=2, batch_size=64, lr=1e-3, warmup=200, steps=1200,
                 num_eval=500, eval_every=400, weight_decay=0.0, latent_noise=0.5),
         # A short run needs a short EMA (window ~1/(1−decay) = 200 steps) and a high peak lr (1500-step probes, README);
-        # the decoder fine-tuning (J4, two-stage) takes its 2 minutes from the denoiser's 4000 steps.
+        # 3500 denoiser steps + 1500 of decoder fine-tuning (J4, two-stage) take the time of 4000 denoiser steps.
         diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, batch_size=128, lr=3e-3, warmup=200,
                   steps=3500, ema_decay=0.995, eval_every=1000, weight_decay=0.0, warmup_joint=1000, tune_decoder=1500)),
     # Paper recipes with BART-base (Tables 13-14).
