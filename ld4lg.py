@@ -69,7 +69,8 @@ class TrainConfig:
     eval_every: int = opt(1000, "steps between validation passes and checkpoints")
     seed: int = opt(0, "seed for data splits, initialisation and noise")
     device: str = opt("auto", "auto | cuda | mps | cpu")
-    compile: bool = opt(False, "torch.compile the trained network (CUDA)")
+    compile: bool = opt(True, "torch.compile the trained network and the sampler's denoiser (CUDA only)")
+    bf16: bool = opt(True, "bf16 autocast on CUDA (the loss and the schedule stay float32)")
 
     def __post_init__(self):  # every config (flags, presets, a saved run) passes here
         self.betas = tuple(self.betas)  # JSON stores the tuple as a list
@@ -94,6 +95,7 @@ class AEConfig(TrainConfig):
     dec_layers: int = opt(3, "reconstruction layers")
     norm_latents: bool = opt(True, "(C3) rescale each latent to ‖x_i‖² = d_ae (on for BART, off for T5)")
     latent_noise: float = opt(0.0, "(J4 in the two-stage model) std of noise on the latents the decoder reads in training")
+    cache_lm: bool = opt(True, "frozen LM: compute E(w) of the training set once, in host memory (bf16, L·d_LM·2 bytes a text)")
 
 @dataclass
 class DiffConfig(TrainConfig):
@@ -616,9 +618,10 @@ class LatentAutoencoder(nn.Module):
         return state if self.save_lm else {k: v for k, v in state.items() if not k.startswith("lm.")}
 
     def lm_states(self, ids, mask):
-        """E(w); without gradient when the LM is frozen (nothing upstream could use it)."""
-        with torch.no_grad() if self.cfg.lm_mode == "freeze" else contextlib.nullcontext():
-            return self.lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        """E(w). A frozen LM's encoder is a fixed function, cached or not: no dropout, no gradient."""
+        frozen = self.cfg.lm_mode == "freeze"
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            return self.lm.get_encoder().train(self.training and not frozen)(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def encode(self, ids, mask):  # (B, L) -> (B, ℓ, d_ae)
         return self.compressor(self.lm_states(ids, mask), mask)
@@ -635,8 +638,8 @@ class LatentAutoencoder(nn.Module):
         """(J4) noise on the latents the decoder reads, in training only: the decoder learns to forgive a denoiser's errors."""
         return x + std * torch.randn(x.shape, device=x.device, generator=generator) if self.training and std else x
 
-    def forward(self, ids, mask, generator=None):
-        x = self.noised(self.encode(ids, mask), self.cfg.latent_noise, generator)
+    def forward(self, ids, mask, generator=None, h=None):  # h: E(w) when cached (frozen LM)
+        x = self.noised(self.compressor(self.lm_states(ids, mask) if h is None else h, mask), self.cfg.latent_noise, generator)
         return self.decoder_loss(self.reconstructor(x), ids, mask)
 
     @torch.no_grad()
@@ -771,8 +774,7 @@ class AdaptiveTime(nn.Module):
         idx = (t * self.bins).long().clamp(max=self.bins - 1)
         total = torch.zeros_like(self.loss).index_add_(0, idx, loss.detach().float())
         count = torch.zeros_like(self.loss).index_add_(0, idx, torch.ones_like(loss, dtype=torch.float))
-        seen = count > 0
-        self.loss = torch.where(seen, self.decay * self.loss + (1 - self.decay) * total / count.clamp(min=1), self.loss)
+        self.loss = torch.where(count > 0, self.decay * self.loss + (1 - self.decay) * total / count.clamp(min=1), self.loss)
 
     def density(self):
         slope = torch.gradient(self.loss)[0].abs()
@@ -801,23 +803,15 @@ def diffusion_loss(model, x, cfg: DiffConfig, cond, generator, adaptive=None):
     per_sample = err.mean((1, 2))
     return per_sample.mean(), t, per_sample
 
-def drop_conditions(cond, p, num_classes, generator):
-    """(G1, G2) training-time condition dropout: null class / null source with probability p per sample."""
+def drop_conditions(cond, p, num_classes, generator=None):
+    """(G1, G2) each sample's class / source replaced by the null one with probability p: condition
+    dropout in training (p = 0.1), and with p = 1 the unconditional pass of guidance (G3)."""
+    drop = lambda n, dev: torch.rand(n, device=dev, generator=generator) < p if p < 1 else torch.ones(n, dtype=torch.bool, device=dev)
     out = dict(cond)
     if "label" in cond:
-        drop = torch.rand(cond["label"].shape, device=cond["label"].device, generator=generator) < p
-        out["label"] = torch.where(drop, torch.full_like(cond["label"], num_classes), cond["label"])
+        out["label"] = torch.where(drop(cond["label"].shape, cond["label"].device), num_classes, cond["label"])
     if "context" in cond:
-        out["drop_context"] = torch.rand(cond["context"].shape[0], device=cond["context"].device, generator=generator) < p
-    return out
-
-def null_condition(cond, num_classes):
-    """The same condition with every sample's class / source replaced by the null one (G1, G2)."""
-    out = dict(cond)
-    if "label" in cond:
-        out["label"] = torch.full_like(cond["label"], num_classes)
-    if "context" in cond:
-        out["drop_context"] = torch.ones(cond["context"].shape[0], dtype=torch.bool, device=cond["context"].device)
+        out["drop_context"] = drop(cond["context"].shape[0], cond["context"].device)
     return out
 
 
@@ -834,10 +828,10 @@ def guided_model_fn(model, cfg: DiffConfig, cond, guidance):
         if not conditional or guidance == 1.0:  # w = 1 is the conditional model itself: one pass
             pred = model(z_t, alpha, x_self, **cond)
         elif guidance == 0.0:  # w = 0 is the unconditional model: one pass with the null condition
-            pred = model(z_t, alpha, x_self, **null_condition(cond, model.num_classes))
+            pred = model(z_t, alpha, x_self, **drop_conditions(cond, 1.0, model.num_classes))
         else:
             full = dict(cond, drop_context=torch.zeros(B, dtype=torch.bool, device=z_t.device)) if "context" in cond else cond
-            null = null_condition(full, model.num_classes)
+            null = drop_conditions(full, 1.0, model.num_classes)
             both = {k: torch.cat([full[k], null[k]]) for k in full}
             pred_c, pred_u = model(torch.cat([z_t, z_t]), torch.cat([alpha, alpha]),
                                    None if x_self is None else torch.cat([x_self, x_self]), **both).chunk(2)
@@ -851,8 +845,7 @@ def ddpm_update(z_t, x0, eps, a_t, a_s, state, generator):
     mean = a_s.sqrt() * (1 - a_ts) / (1 - a_t) * x0 + a_ts.sqrt() * (1 - a_s) / (1 - a_t) * z_t  # (D2) μ_Q
     return mean + (1 - a_ts).sqrt() * torch.randn(z_t.shape, device=z_t.device, generator=generator)
 
-def ddim_update(z_t, x0, eps, a_t, a_s, state, generator):
-    """(D7) deterministic: z_s = √α_s x̂ + √(1−α_s) ε̂."""
+def ddim_update(z_t, x0, eps, a_t, a_s, state, generator):  # (D7) deterministic: z_s = √α_s x̂ + √(1−α_s) ε̂
     return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
 
 def dpmpp_2m_update(z_t, x0, eps, a_t, a_s, state, generator):
@@ -860,10 +853,8 @@ def dpmpp_2m_update(z_t, x0, eps, a_t, a_s, state, generator):
     from the previous step's x̂ kept in `state` (the official code keeps no history: first order)."""
     lam_t, lam_s = 0.5 * torch.logit(a_t), 0.5 * torch.logit(a_s)
     h = lam_s - lam_t
-    d = x0
-    if "x0_prev" in state:
-        r = state["h_prev"] / h
-        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]
+    r = state.get("h_prev", h) / h
+    d = x0 if "x0_prev" not in state else (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]  # first step: first order
     state.update(x0_prev=x0, h_prev=h)
     return ((1 - a_s) / (1 - a_t)).sqrt() * z_t - a_s.sqrt() * torch.expm1(-h) * d
 
@@ -893,16 +884,16 @@ def pick_device(name="auto"):
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return torch.device(auto if name == "auto" else name)
 
-def autocast(device):
+def autocast(device, bf16=True):
     """bf16 autocast on CUDA; float32 elsewhere (CPU bf16 is slower than float32 on most machines)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16 else contextlib.nullcontext()
 
-def make_optimizer(named_params, cfg: TrainConfig, device):
+def make_optimizer(named_params, cfg: TrainConfig, device, fused=True):
     """AdamW without weight decay on biases, norms and embeddings of size 1-D (Table 14)."""
     params = [(n, p) for n, p in named_params if p.requires_grad]
     groups = [dict(params=[p for _, p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for _, p in params if p.ndim < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused and device.type == "cuda")
 
 def batch_indices(step, n, batch_size, seed):
     """Data order as a pure function of the step: epoch e is a permutation seeded by (seed, e), so a
@@ -933,8 +924,7 @@ def prepare_run_dir(out, resume, overwrite):
     os.makedirs(out, exist_ok=True)
     return False
 
-def write_json(path, obj):
-    """Atomic JSON write: temp file then rename."""
+def write_json(path, obj):  # atomic: a temp file, then a rename
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -1001,8 +991,7 @@ def plot_curves(run_dir, keys=("loss", "val_loss")):
         ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.normpath(run_dir)))
         ax.legend()
 
-def dist_info():
-    """(rank, world size) under torchrun, else (0, 1)."""
+def dist_info():  # (rank, world size) under torchrun, else (0, 1)
     return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
 
 def setup_distributed(device):
@@ -1078,7 +1067,7 @@ def train_loop(cfg: TrainConfig, run_dir, model, loss_fn, validate, device, resu
     model.train()
     while step < cfg.steps:
         idx = batch_indices(step, loss_fn.num_rows, cfg.batch_size, cfg.seed)[rank::world]  # 3. this rank's share
-        with autocast(device):
+        with autocast(device, cfg.bf16):
             loss, logs = loss_fn(step, idx, gen, net)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1175,10 +1164,13 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     ae.to(device)
     ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="training")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
+    frozen_cache = cfg.lm_mode == "freeze" and cfg.cache_lm  # E(w) once, in host memory: the speed-up the paper names as missing
+    states = encode_all(ae.lm_states, ids_all, mask_all, device, torch.bfloat16, "cpu", True) if frozen_cache else None
 
     def loss_fn(step, idx, gen, net):
         L = int(mask_all[idx].sum(1).max())  # trim the batch to its longest text
-        loss, acc = net(ids_all[idx, :L].to(device), mask_all[idx, :L].to(device), gen)
+        h = None if states is None else states[idx, :L].to(device, non_blocking=True)
+        loss, acc = net(ids_all[idx, :L].to(device), mask_all[idx, :L].to(device), gen, h)
         return loss, dict(loss=loss, token_acc=acc)
     loss_fn.num_rows = len(ids_all)
 
@@ -1199,8 +1191,7 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
 
 
 # --- Stage 2: the latent denoiser (and LDLM joint training) -----------------------------------
-def scale_grad(x, gamma):
-    """Identity in the forward pass; multiplies the gradient by gamma (J2)."""
+def scale_grad(x, gamma):  # (J2) identity in the forward pass; the gradient is multiplied by gamma
     return x.detach() + gamma * (x - x.detach())
 
 def joint_gamma(step, warmup):
@@ -1244,13 +1235,16 @@ def source_encoder(cfg: DiffConfig, ae, device):
     return encode, dim
 
 @torch.no_grad()
-def encode_latents(ae, texts, max_len, device, batch_size=256):
-    """Encode texts once to latents (B, ℓ, d_ae): the cache for a frozen autoencoder."""
+def encode_all(fn, ids, mask, device, dtype=torch.float32, store=None, per_token=False, chunk=256):
+    """fn(ids, mask) of every row, once, kept on `store` (default: the device): the cache of a frozen
+    network (deterministic: in eval mode, or a frozen LM's encoder), the latents x of an autoencoder
+    (fn = ae.encode) or, per_token, the states E(w) of a frozen LM (fn = ae.lm_states)."""
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="encoding latents", leave=False):
-        ids, mask = tokenize(ae.tok, texts[i:i + batch_size], max_len)
+    for i in tqdm(range(0, len(ids), chunk), desc="caching", leave=False):
+        L = int(mask[i:i + chunk].sum(1).max())  # each chunk trimmed to its longest text
         with autocast(device):
-            out.append(ae.encode(ids.to(device), mask.to(device)).float())
+            y = fn(ids[i:i + chunk, :L].to(device), mask[i:i + chunk, :L].to(device))
+        out.append((F.pad(y, (0, 0, 0, ids.shape[1] - L)) if per_token else y).to(store or device, dtype))  # E(w): zero padding
     return torch.cat(out)
 
 def build_denoiser(cfg: DiffConfig, ae_cfg: AEConfig, context_dim=0):
@@ -1305,12 +1299,12 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         mask_all = F.pad(mask_all, (0, ae_cfg.max_len - mask_all.shape[1]))
     else:
         trainable = model
-        latents = encode_latents(ae, train.texts, ae_cfg.max_len, device)  # (N, ℓ, d_ae), computed once
+        latents = encode_all(ae.encode, *tokenize(ae.tok, train.texts, ae_cfg.max_len), device)  # (N, ℓ, d_ae), once
         ae.requires_grad_(False)
-    val_texts = data["val"].texts[:500]
-    val_x = None if cfg.joint else encode_latents(ae, val_texts, ae_cfg.max_len, device)  # joint: re-encoded at each validation
+    val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], ae_cfg.max_len)
+    val_x = None if cfg.joint else encode_all(ae.encode, val_ids, val_mask, device)  # joint: re-encoded at each validation
 
-    compiled = torch.compile(model) if cfg.compile else model  # the raw module is what checkpoints save
+    compiled = torch.compile(model) if cfg.compile and device.type == "cuda" else model  # checkpoints save the raw module
 
     def loss_fn(step, idx, gen, net):
         net = compiled if net is model else net
@@ -1330,7 +1324,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         """Validation loss of the EMA denoiser at fixed noise, plus a few decoded samples."""
         g = torch.Generator(device).manual_seed(cfg.seed + 1)
         with torch.no_grad(), autocast(device):
-            x = encode_latents(ae, val_texts, ae_cfg.max_len, device) if cfg.joint else val_x
+            x = ae.encode(val_ids.to(device), val_mask.to(device)).float() if cfg.joint else val_x
             cond = batch_condition(cfg, data["val"], range(len(x)), encode_source, device)
             val_loss = float(diffusion_loss(ema.module, x, dataclasses.replace(cfg, self_cond=False), cond, g)[0])
             z = generate_latents(ema.module, cfg, 4, {k: v[:4] for k, v in cond.items()}, "ddim", 50, cfg.guidance, g)
@@ -1433,6 +1427,7 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
     n_rows = len(sources) if sources is not None else n
     clock = dict(diffusion_s=0.0, decoding_s=0.0, samples=0)
     rows_per_batch = max(1, batch_size // per)
+    net = torch.compile(model) if cfg.compile and device.type == "cuda" else model
 
     def gen():
         for b, start in enumerate(tqdm(range(0, n_rows, rows_per_batch), desc="sampling", disable=not progress)):
@@ -1447,7 +1442,7 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
                 ctx, mask = encode_source([sources[i] for i in rows])
                 cond["context"], cond["context_mask"] = ctx.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
             t0 = time.time()
-            z = generate_latents(model, cfg, len(rows) * per, cond, sampler, steps, guidance, g)
+            z = generate_latents(net, cfg, len(rows) * per, cond, sampler, steps, guidance, g)
             t1 = time.time()
             texts = ae.generate(z, max_length=ae_cfg.max_len + 2, **DECODE)
             t2 = time.time()
@@ -1496,22 +1491,17 @@ def resolve_condition(run, data, args, n):
     if args.source_file and not cfg.seq2seq:
         raise UserError("--source-file needs a seq2seq model (trained with --seq2seq)")
     if cfg.seq2seq:
-        if args.source_file:
-            if not os.path.isfile(args.source_file):
-                raise UserError(f"source file not found: {args.source_file}")
-            sources = [l.strip() for l in open(args.source_file, encoding="utf-8") if l.strip()][:n]
+        if args.source_file:  # one source per line (or {"text": ...} JSON lines)
+            sources = read_texts(args.source_file, "--source-file")[:n]
         else:
             split = data()[args.split]
             sources, references = split.sources[:n], split.texts[:n]
     return labels, sources, references
 
-def set_decoding(args):
-    DECODE.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
-
 def cmd_sample(args):
     """`sample RUN_DIR`: writes RUN_DIR/samples.jsonl (or --output) line by line; prints a few."""
     device = pick_device(args.device)
-    set_decoding(args)
+    DECODE.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
     run = load_run(args.run_dir, device)
     cfg = run[0]
     for k in ("num_samples", "steps", "batch_size", "candidates"):
@@ -1712,7 +1702,7 @@ def cmd_eval(args):
     if not args.run_dir and not args.samples:
         raise UserError("eval needs RUN_DIR or --samples FILE")
     device = pick_device(args.device)
-    set_decoding(args)
+    DECODE.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
     if args.featurizer.startswith((".", "/")) and not os.path.isdir(args.featurizer):  # a typo, not a network problem
         raise UserError(f"featurizer directory not found: {args.featurizer}")
     featurize = load_featurizer(args.featurizer, device)
@@ -1845,56 +1835,64 @@ def timed(fn, repeats, device, warmup=2):
     return float(np.median(times))
 
 def cmd_bench(args):
-    """Training steps/s of both stages, sampling time (diffusion and decoding) and MFU for a preset."""
-    device = pick_device(args.device)
-    acfg, dcfg = make_config(AEConfig, args.preset), make_config(DiffConfig, args.preset, compile=args.compile)
+    """Training steps/s of both stages, sampling time (diffusion and decoding) and MFU for a preset; each
+    fast path can be switched off (--no_bf16, --no_fused, --no_compile) to measure its before and after."""
+    device, bf16, fused = pick_device(args.device), not args.no_bf16, not args.no_fused
+    compile, cuda = not args.no_compile and device.type == "cuda", device.type == "cuda"
+    acfg, dcfg = make_config(AEConfig, args.preset), make_config(DiffConfig, args.preset, num_classes=4)  # ag_news: 4
     torch.manual_seed(0)
     lm = random_lm_like(acfg)
-    ae = LatentAutoencoder(lm, None, acfg).to(device)
-    model = build_denoiser(dcfg, acfg).to(device)
-    res = dict(preset=args.preset, device=torch.cuda.get_device_name() if device.type == "cuda" else str(device),
-               compile=args.compile, denoiser_params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1))
-    # 1. denoiser training on cached latents at the preset batch size
-    opt = make_optimizer(model.named_parameters(), dcfg, device)
-    net = torch.compile(model) if args.compile else model
+    ae, model = LatentAutoencoder(lm, None, acfg).to(device).train(), build_denoiser(dcfg, acfg).to(device)
+    res = dict(preset=args.preset, device=torch.cuda.get_device_name() if cuda else str(device), bf16=bf16 and cuda,
+               fused=fused and cuda, compile=compile, denoiser_params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1))
+    rate = lambda fn: round(1 / timed(fn, args.repeats, device), 2)  # calls per second
+    # 1. denoiser training at the preset batch size: on cached latents, and encoding every batch (no cache)
+    opt, net = make_optimizer(model.named_parameters(), dcfg, device, fused), torch.compile(model) if compile else model
     x = torch.randn(dcfg.batch_size, acfg.num_latents, acfg.d_ae, device=device)
-    g = torch.Generator(device).manual_seed(0)
+    ids = torch.randint(5, lm.config.vocab_size, (max(acfg.batch_size, dcfg.batch_size), acfg.max_len), device=device)
+    mask, g = torch.ones_like(ids, dtype=torch.bool), torch.Generator(device).manual_seed(0)
 
-    def denoiser_step():
-        with autocast(device):
-            loss = diffusion_loss(net, x, dcfg, {}, g)[0]
+    def denoiser_step(encode=False):
+        with autocast(device, bf16):
+            x0 = torch.no_grad()(ae.encode)(ids[:len(x)], mask[:len(x)]) if encode else x  # frozen: no graph
+            loss = diffusion_loss(net, x0, dcfg, {}, g)[0]
         opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
-    s = timed(denoiser_step, args.repeats, device)
-    res.update(denoiser_steps_per_s=round(1 / s, 2), latents_per_s=round(dcfg.batch_size / s))
-    # model FLOPs: 6·N per latent token for forward+backward, plus the self-conditioning forward (2·N) half the time
-    n_dense = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n)
+    res.update(denoiser_steps_per_s=rate(denoiser_step), uncached_steps_per_s=rate(lambda: denoiser_step(True)))
+    res["latents_per_s"] = round(res["denoiser_steps_per_s"] * dcfg.batch_size)
+    # model FLOPs: 6·N per latent token for forward+backward, plus the self-conditioning forward (2·N) half the time;
+    # N counts the per-token matrices (not embeddings or the time/ada layers, which run once per sample)
+    n_dense = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not re.search("emb|time|ada", n))
     flops = (6 + (1 if dcfg.self_cond else 0)) * n_dense * dcfg.batch_size * acfg.num_latents
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in res["device"]), args.peak_tflops)
-    res["mfu"] = round(flops / s / (peak * 1e12), 4) if peak else None
-    res["peak_tflops_used"] = peak
-    # 2. autoencoder training (frozen LM for pretrained presets, the whole tiny LM for the demo)
-    opt_ae = make_optimizer(ae.named_parameters(), acfg, device)
-    ids = torch.randint(5, lm.config.vocab_size, (acfg.batch_size, acfg.max_len), device=device)
-    mask = torch.ones_like(ids, dtype=torch.bool)
+    res.update(mfu=round(flops * res["denoiser_steps_per_s"] / (peak * 1e12), 4) if peak else None, peak_tflops_used=peak)
+    # 2. autoencoder training (frozen LM for pretrained presets, the whole tiny LM for the demo); a frozen
+    # LM's E(w) cached (cache_lm) skips the encoder forward
+    opt_ae, ids, mask = make_optimizer(ae.named_parameters(), acfg, device, fused), ids[:acfg.batch_size], mask[:acfg.batch_size]
+    with torch.no_grad(), autocast(device, bf16):
+        h = ae.lm_states(ids, mask).to(torch.bfloat16) if acfg.lm_mode == "freeze" else None
 
-    def ae_step():
-        with autocast(device):
-            loss = ae(ids, mask)[0]
+    def ae_step(h=None):
+        with autocast(device, bf16):
+            loss = ae(ids, mask, None, h)[0]
         opt_ae.zero_grad(set_to_none=True), loss.backward(), opt_ae.step()
-    res["ae_steps_per_s"] = round(1 / timed(ae_step, args.repeats, device), 2)
-    # 3. sampling: one batch of network calls, and one batch of beam-search decoding, scaled to 1000 samples
+    res.update(ae_steps_per_s=rate(ae_step), ae_cached_steps_per_s=rate(lambda: ae_step(h)) if h is not None else None)
+    # 3. sampling: one batch of network calls, and one batch of beam-search decoding, scaled to 1000 samples × 250 steps
     model.eval()
-    fn = guided_model_fn(net, dcfg, {}, 1.0)
     zb = torch.randn(args.sample_batch, acfg.num_latents, acfg.d_ae, device=device)
-    with torch.no_grad(), autocast(device):
-        call = timed(lambda: fn(zb, 0.5, zb), args.repeats, device)
+    per_1000 = lambda fns, steps=250, warmup=2: round(1000 / args.sample_batch * steps * timed(
+        lambda: [f() for f in fns], args.repeats if steps > 1 else 1, device, warmup), 1)
+    with torch.no_grad(), autocast(device, bf16):
         from transformers.modeling_outputs import BaseModelOutput
         ones = torch.ones(zb.shape[:2], dtype=torch.long, device=device)
-        dec = timed(lambda: lm.generate(encoder_outputs=BaseModelOutput(last_hidden_state=ae.reconstructor(zb)), attention_mask=ones,
-                                        num_beams=4, max_length=acfg.max_len, min_length=acfg.max_len), 1, device, warmup=1)
-    batches = 1000 / args.sample_batch
-    res.update(sample_batch=args.sample_batch, diffusion_s_per_1000=round(batches * 250 * call, 1),
-               decoding_s_per_1000=round(batches * dec, 1))
+        call = lambda w, cond: lambda: guided_model_fn(net, dcfg, cond, w)(zb, 0.5, zb)
+        decode = lambda: lm.generate(encoder_outputs=BaseModelOutput(last_hidden_state=ae.reconstructor(zb)), attention_mask=ones,
+                                     num_beams=4, max_length=acfg.max_len, min_length=acfg.max_len)
+        res.update(sample_batch=args.sample_batch, diffusion_s_per_1000=per_1000([call(1.0, {})]),
+                   decoding_s_per_1000=per_1000([decode], steps=1, warmup=1))
+        if dcfg.class_cond:  # (G3) w = 2: both passes in one batched call, against two calls (w = 1, then w = 0)
+            label = dict(label=ones[:, 0])
+            res.update(guided_batched_s_per_1000=per_1000([call(2.0, label)]),
+                       guided_two_calls_s_per_1000=per_1000([call(1.0, label), call(0.0, label)]))
     import resource  # CPU: the process's peak resident memory (KiB on Linux)
     res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -1951,7 +1949,9 @@ def build_parser():
     b = sub.add_parser("bench", help="speed of both training stages and of sampling, random weights of a preset's shapes")
     b.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
     b.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
-    b.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    b.add_argument("--no_compile", action="store_true", help="eager denoiser on CUDA: the 'before' of torch.compile")
+    b.add_argument("--no_bf16", action="store_true", help="float32 on CUDA: the 'before' of bf16 autocast")
+    b.add_argument("--no_fused", action="store_true", help="for-each AdamW: the 'before' of the fused CUDA kernel")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up; the median is reported")
     b.add_argument("--sample_batch", type=int, default=250, help="latents per sampling batch (scaled to 1000 samples)")
     b.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU when the GPU is not in the table")

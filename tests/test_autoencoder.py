@@ -1,4 +1,5 @@
 """§3.1: the language autoencoder: shapes, masks, the norm constraint, overfitting, checkpoints, T5."""
+import json
 import os
 
 import pytest
@@ -65,6 +66,31 @@ def test_frozen_lm_gets_no_gradient():
     ae(ids, mask)[0].backward()
     assert all(p.grad is None for p in ae.lm.parameters())
     assert all(p.grad is not None for p in ae.compressor.parameters())
+
+
+def test_cached_lm_states_train_like_the_frozen_encoder(tmp_path):
+    """A frozen LM's E(w) computed once (cache_lm) trains like E(w) recomputed every step: the frozen
+    encoder runs without dropout either way, and the cache differs only by its bf16 rounding."""
+    ae, cfg = tiny_ae(lm_mode="freeze", latent_noise=0.0)
+    ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:16], cfg.max_len)
+    states = ld4lg.encode_all(ae.train().lm_states, ids, mask, torch.device("cpu"), torch.bfloat16, per_token=True, chunk=5)
+    assert not ae.lm.get_encoder().training and ae.lm.get_decoder().training
+    assert torch.allclose(states.float(), ae.lm_states(ids, mask), rtol=1e-2, atol=1e-2)
+    grads = []
+    for h in (states[3:11].float(), None):
+        torch.manual_seed(0)  # the same decoder dropout in both passes
+        ae.zero_grad()
+        ae(ids[3:11], mask[3:11], None, h)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in ae.compressor.parameters()]))
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.999
+    path = str(tmp_path / "lm")  # a "pretrained" LM by path: the frozen-LM branch of train-ae, with and without the cache
+    ae.lm.save_pretrained(path), ae.tok.save_pretrained(path)
+    losses = {}
+    for cache in (True, False):
+        out = str(tmp_path / f"ae-{cache}")
+        ld4lg.train_ae(ae_cfg(lm=path, lm_mode="freeze", cache_lm=cache, steps=3, latent_noise=0.0), out)
+        losses[cache] = [json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=2e-3)
 
 
 def test_latent_noise_only_in_training():

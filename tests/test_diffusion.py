@@ -140,7 +140,7 @@ def test_decoder_tuning_keeps_the_encoder_and_changes_the_decoder(ae_run, diff_r
     decoder = [k for k in old if ".decoder.layers." in k or ".decoder.block." in k]
     assert decoder and any(not torch.equal(old[k], new[k]) for k in decoder)
     texts = ld4lg.demo_corpus(8, seed=3)
-    x_old = ld4lg.encode_latents(before, [t for t, _, _ in texts], 32, cpu)
-    x_new = ld4lg.encode_latents(after, [t for t, _, _ in texts], 32, cpu)
+    ids, mask = ld4lg.tokenize(before.tok, [t for t, _, _ in texts], 32)
+    x_old, x_new = ld4lg.encode_all(before.encode, ids, mask, cpu), ld4lg.encode_all(after.encode, ids, mask, cpu)
     assert torch.equal(x_old, x_new)
     assert os.path.isfile(os.path.join(diff_run, "decoder", "eval_ae.json"))
