@@ -69,7 +69,7 @@ class TrainConfig:
     eval_every: int = opt(1000, "steps between validation passes and checkpoints")
     seed: int = opt(0, "seed for data splits, initialisation and noise")
     device: str = opt("auto", "auto | cuda | mps | cpu")
-    compile: bool = opt(True, "torch.compile the trained network and the sampler's denoiser (CUDA only)")
+    compile: bool = opt(True, "torch.compile the denoiser for training and sampling (CUDA only; train-ae ignores it)")
     bf16: bool = opt(True, "bf16 autocast on CUDA (the loss and the schedule stay float32)")
 
     def __post_init__(self):  # every config (flags, presets, a saved run) passes here
