@@ -69,8 +69,8 @@ class TrainConfig:
     eval_every: int = opt(1000, "steps between validation passes and checkpoints")
     seed: int = opt(0, "seed for data splits, initialisation and noise")
     device: str = opt("auto", "auto | cuda | mps | cpu")
-    compile: bool = opt(True, "torch.compile the denoiser for training and sampling (CUDA only; train-ae ignores it)")
-    bf16: bool = opt(True, "bf16 autocast on CUDA (the loss and the schedule stay float32)")
+    compile: bool = opt(True, "torch.compile the denoiser in training (CUDA only; train-ae ignores it; sample: --compile)")
+    bf16: bool = opt(True, "bf16 autocast of the training steps on CUDA (the loss and the schedule stay float32)")
 
     def __post_init__(self):  # every config (flags, presets, a saved run) passes here
         self.betas = tuple(self.betas)  # JSON stores the tuple as a list
@@ -1393,8 +1393,8 @@ def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, 
     with autocast(device):
         return sample_loop(SAMPLERS[sampler], guided_model_fn(model, cfg, cond, guidance), z, ts, cfg, generator).float()
 
-def load_run(run_dir, device):
-    """(cfg, autoencoder, EMA denoiser, source encoder) of a trained diffusion run: all that sampling needs."""
+def load_run(run_dir, device, compile=False):
+    """(cfg, autoencoder, EMA denoiser (compiled on request, CUDA), source encoder): all that sampling needs."""
     cfg, raw = load_config(DiffConfig, run_dir)
     ae_dir = os.path.normpath(os.path.join(run_dir, raw["ae_dir"]))
     ae, ae_cfg = load_autoencoder(ae_dir, device)
@@ -1408,7 +1408,7 @@ def load_run(run_dir, device):
     encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device).eval()
     load_weights(model, os.path.join(ck, "ema.safetensors"))
-    return cfg, ae, ae_cfg, model, encode_source
+    return cfg, ae, ae_cfg, torch.compile(model) if compile and device.type == "cuda" else model, encode_source
 
 def mbr_select(candidates):
     """(G4) index of the candidate with the least mean loss (−ROUGE-L) to the others: the medoid."""
@@ -1427,7 +1427,6 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
     n_rows = len(sources) if sources is not None else n
     clock = dict(diffusion_s=0.0, decoding_s=0.0, samples=0)
     rows_per_batch = max(1, batch_size // per)
-    net = torch.compile(model) if cfg.compile and device.type == "cuda" else model
 
     def gen():
         for b, start in enumerate(tqdm(range(0, n_rows, rows_per_batch), desc="sampling", disable=not progress)):
@@ -1442,7 +1441,7 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
                 ctx, mask = encode_source([sources[i] for i in rows])
                 cond["context"], cond["context_mask"] = ctx.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
             t0 = time.time()
-            z = generate_latents(net, cfg, len(rows) * per, cond, sampler, steps, guidance, g)
+            z = generate_latents(model, cfg, len(rows) * per, cond, sampler, steps, guidance, g)
             t1 = time.time()
             texts = ae.generate(z, max_length=ae_cfg.max_len + 2, **DECODE)
             t2 = time.time()
@@ -1502,7 +1501,7 @@ def cmd_sample(args):
     """`sample RUN_DIR`: writes RUN_DIR/samples.jsonl (or --output) line by line; prints a few."""
     device = pick_device(args.device)
     DECODE.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
-    run = load_run(args.run_dir, device)
+    run = load_run(args.run_dir, device, args.compile)
     cfg = run[0]
     for k in ("num_samples", "steps", "batch_size", "candidates"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
@@ -1721,7 +1720,7 @@ def cmd_eval(args):
         out = os.path.splitext(args.samples)[0] + ".eval.json"
         write_json(out, dict(metrics=m, featurizer=args.featurizer, references=args.references))
         return m
-    run = load_run(args.run_dir, device)
+    run = load_run(args.run_dir, device, args.compile)
     cfg = run[0]
     if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
         raise UserError("--guidance_sweep needs a class-conditional or seq2seq model; this one is unconditional")
@@ -1977,6 +1976,7 @@ def add_sample_flags(s, sweep=False):
     s.add_argument("--repetition_penalty", type=float, default=1.2, help="decoder repetition penalty")
     s.add_argument("--no_repeat_ngram", type=int, default=3, help="decoder no-repeat n-gram size")
     s.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser (CUDA): pays for long jobs; compiling outlasts one 1000-sample job's saving")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
