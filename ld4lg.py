@@ -853,8 +853,10 @@ def dpmpp_2m_update(z_t, x0, eps, a_t, a_s, state, generator):
     from the previous step's x̂ kept in `state` (the official code keeps no history: first order)."""
     lam_t, lam_s = 0.5 * torch.logit(a_t), 0.5 * torch.logit(a_s)
     h = lam_s - lam_t
-    r = state.get("h_prev", h) / h
-    d = x0 if "x0_prev" not in state else (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]  # first step: first order
+    d = x0  # the first step has no history: first order
+    if "x0_prev" in state:
+        r = state["h_prev"] / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]
     state.update(x0_prev=x0, h_prev=h)
     return ((1 - a_s) / (1 - a_t)).sqrt() * z_t - a_s.sqrt() * torch.expm1(-h) * d
 
@@ -1284,6 +1286,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     adaptive = AdaptiveTime().to(device) if cfg.t_sampling == "adaptive" or (cfg.t_sampling == "auto" and cfg.joint) else None
     weights = {"denoiser": model, "ema": ema.module, **({"adaptive_t": adaptive} if adaptive else {})}
+    ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="training")
     if cfg.joint:
         # (J1) the LM encoder is frozen (it gives the targets E(w)); compressor, reconstructor, readout
         # start fresh; the LM decoder trains when the autoencoder run fine-tuned its LM.
@@ -1294,12 +1297,11 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         ae.cfg = dataclasses.replace(ae_cfg, lm_mode="freeze")  # E(w) without gradient
         weights["ae"] = ae
         trainable = nn.ModuleDict(dict(denoiser=model, ae=ae))
-        ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="training")
         ids_all = F.pad(ids_all, (0, ae_cfg.max_len - ids_all.shape[1]), value=ae.tok.pad_token_id)  # decoder reads all positions
         mask_all = F.pad(mask_all, (0, ae_cfg.max_len - mask_all.shape[1]))
     else:
         trainable = model
-        latents = encode_all(ae.encode, *tokenize(ae.tok, train.texts, ae_cfg.max_len), device)  # (N, ℓ, d_ae), once
+        latents = encode_all(ae.encode, ids_all, mask_all, device)  # (N, ℓ, d_ae), once
         ae.requires_grad_(False)
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], ae_cfg.max_len)
     val_x = None if cfg.joint else encode_all(ae.encode, val_ids, val_mask, device)  # joint: re-encoded at each validation
@@ -1337,7 +1339,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         return row
 
     step, secs = train_loop(cfg, out, trainable, loss_fn, validate, device, resume, weights, ema=(ema, model), schedule="cosine")
-    tuned = tune_decoder(cfg, out, ae, train.texts, latents, data["test"], device, resume) if cfg.tune_decoder and not cfg.joint else None
+    tuned = tune_decoder(cfg, out, ae, ids_all, mask_all, latents, data["test"], device, resume) if cfg.tune_decoder and not cfg.joint else None
     if rank > 0:
         return {}
     if adaptive is not None:
@@ -1349,7 +1351,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
-def tune_decoder(cfg: DiffConfig, out, ae, texts, latents, test: Split, device, resume):
+def tune_decoder(cfg: DiffConfig, out, ae, ids_all, mask_all, latents, test: Split, device, resume):
     """(J4 in a two-stage model) Fine-tune g_φ and the LM decoder to read x + σε, x the frozen encoder's cached
     latents: the decoder learns to forgive a denoiser's errors, while the encoder, and so the latents the denoiser
     learned, stay as they were. A nested run in out/decoder (sampling uses it; reconstruction in its eval_ae.json)."""
@@ -1360,14 +1362,13 @@ def tune_decoder(cfg: DiffConfig, out, ae, texts, latents, test: Split, device, 
     ae.reconstructor.requires_grad_(True)
     ae.lm.get_decoder().requires_grad_(ae_cfg.lm_mode == "ft")
     ae.lm.get_input_embeddings().requires_grad_(False)  # shared with the encoder (and the tied output layer)
-    ids_all, mask_all = tokenize(ae.tok, texts, ae_cfg.max_len)
 
     def loss_fn(step, idx, gen, net):
         L = int(mask_all[idx].sum(1).max())  # trim the batch to its longest text
         x = ae.noised(latents[idx.to(latents.device)], cfg.tune_noise, gen)  # (J4) noise in training only
         loss, acc = ae.decoder_loss(ae.reconstructor(x), ids_all[idx, :L].to(device), mask_all[idx, :L].to(device))
         return loss, dict(loss=loss, token_acc=acc)
-    loss_fn.num_rows = len(texts)
+    loss_fn.num_rows = len(ids_all)
     step, secs = train_loop(tcfg, run_dir, ae, loss_fn, None, device, resume, {"ae": ae})
     metrics = dict(ae_reconstruction_metrics(ae, test, ae_cfg, device), steps=step, train_minutes=round(secs / 60, 2))
     write_json(os.path.join(run_dir, "eval_ae.json"), metrics)
