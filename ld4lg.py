@@ -143,7 +143,8 @@ PRESETS = {
                 num_eval=500, eval_every=400, weight_decay=0.0, latent_noise=0.5),
         # A short run needs a short EMA (window ~1/(1−decay) = 200 steps) and a high peak lr (1500-step probes, README);
         # 3500 denoiser steps + 1500 of decoder fine-tuning (J4, two-stage) take the time of 4000 denoiser steps.
-        diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, batch_size=128, lr=3e-3, warmup=200,
+        # (D5) s = 0.5: more noise at every t; the small denoiser fails at high noise, and trains more there (README).
+        diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, batch_size=128, lr=3e-3, warmup=200, schedule_scale=0.5,
                   steps=3500, ema_decay=0.995, eval_every=1000, weight_decay=0.0, warmup_joint=1000, tune_decoder=1500)),
     # Paper recipes with BART-base (Tables 13-14).
     "roc": dict(ae=dict(data="mintujupally/ROCStories", text_column="text"), diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6)),
@@ -990,8 +991,7 @@ def plot_curves(run_dir, keys=("loss", "val_loss")):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("val") else None, ms=3)
-        ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.normpath(run_dir)))
-        ax.legend()
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(os.path.normpath(run_dir))), ax.legend()
 
 def dist_info():  # (rank, world size) under torchrun, else (0, 1)
     return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
@@ -1075,8 +1075,7 @@ def train_loop(cfg: TrainConfig, run_dir, model, loss_fn, validate, device, resu
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         bad |= ~torch.isfinite(loss)
-        opt.step()
-        sched.step()
+        opt.step(), sched.step()
         if ema is not None:
             ema[0].update_parameters(ema[1])  # (averaged copy, live module)
         step += 1
@@ -1394,8 +1393,9 @@ def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, 
     with autocast(device):
         return sample_loop(SAMPLERS[sampler], guided_model_fn(model, cfg, cond, guidance), z, ts, cfg, generator).float()
 
-def load_run(run_dir, device, compile=False):
-    """(cfg, autoencoder, EMA denoiser (compiled on request, CUDA), source encoder): all that sampling needs."""
+def load_run(run_dir, device, compile=False, tuned=True):
+    """(cfg, autoencoder, EMA denoiser (compiled on request, CUDA), source encoder): all that sampling needs.
+    tuned=False keeps the autoencoder's own decoder where the run fine-tuned one (a control)."""
     cfg, raw = load_config(DiffConfig, run_dir)
     ae_dir = os.path.normpath(os.path.join(run_dir, raw["ae_dir"]))
     ae, ae_cfg = load_autoencoder(ae_dir, device)
@@ -1404,7 +1404,7 @@ def load_run(run_dir, device, compile=False):
         ae.reconstructor = Reconstructor(ae.lm.config.d_model, ae_cfg, readout=True).to(device)
         load_weights(ae, os.path.join(ck, "ae.safetensors"))
         ae.eval()
-    if cfg.tune_decoder and not cfg.joint:  # the decoder fine-tuned after the denoiser (J4, two-stage)
+    if cfg.tune_decoder and not cfg.joint and tuned:  # the decoder fine-tuned after the denoiser (J4, two-stage)
         load_weights(ae, os.path.join(checkpoint_dir(os.path.join(run_dir, "decoder")), "ae.safetensors"))
     encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device).eval()
@@ -1418,7 +1418,7 @@ def mbr_select(candidates):
     return int(np.argmax(score))
 
 def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None, sources=None, references=None,
-                candidates=1, skip=0, progress=True):
+                candidates=1, skip=0, progress=True, random_latents=False):
     """Yield one JSON-ready row per sample (per source for seq2seq), batch by batch. Each batch has its
     own generator seeded by (seed, batch index), so a resumed run (skip > 0) reproduces the rest exactly.
     Timing of the diffusion and decoding parts is accumulated in the returned dict `clock`."""
@@ -1442,7 +1442,9 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
                 ctx, mask = encode_source([sources[i] for i in rows])
                 cond["context"], cond["context_mask"] = ctx.repeat_interleave(per, 0), mask.repeat_interleave(per, 0)
             t0 = time.time()
-            z = generate_latents(model, cfg, len(rows) * per, cond, sampler, steps, guidance, g)
+            z = generate_latents(model, cfg, len(rows) * per, cond, sampler, steps, guidance, g) if not random_latents else \
+                torch.randn((len(rows) * per, ae_cfg.num_latents, ae_cfg.d_ae), device=device, generator=g)  # control: no denoiser
+            z = F.normalize(z, dim=-1) * math.sqrt(ae_cfg.d_ae) if random_latents and ae_cfg.norm_latents else z  # onto C3's sphere
             t1 = time.time()
             texts = ae.generate(z, max_length=ae_cfg.max_len + 2, **DECODE)
             t2 = time.time()
@@ -1502,11 +1504,10 @@ def cmd_sample(args):
     """`sample RUN_DIR`: writes RUN_DIR/samples.jsonl (or --output) line by line; prints a few."""
     device = pick_device(args.device)
     DECODE.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
-    run = load_run(args.run_dir, device, args.compile)
+    run = load_run(args.run_dir, device, args.compile, tuned=not args.ae_decoder)
     cfg = run[0]
-    for k in ("num_samples", "steps", "batch_size", "candidates"):
-        if getattr(args, k) is not None and getattr(args, k) <= 0:
-            raise UserError(f"--{k} must be positive")
+    if bad := [k for k in ("num_samples", "steps", "batch_size", "candidates") if getattr(args, k) is not None and getattr(args, k) <= 0]:
+        raise UserError(f"--{bad[0]} must be positive")
     steps, sampler = args.steps or cfg.sample_steps, args.sampler or cfg.sampler
     guidance = cfg.guidance if args.guidance is None else args.guidance
     labels, sources, references = resolve_condition(run, lambda: load_data(cfg), args, args.num_samples)
@@ -1518,17 +1519,18 @@ def cmd_sample(args):
         elif not args.overwrite:
             raise UserError(f"{path} exists; pass --resume to continue it or --overwrite to replace it")
     rows, clock = sample_rows(run, args.num_samples, steps, sampler, guidance, args.batch_size, args.seed, labels, sources,
-                              references, args.candidates or 1, skip)
+                              references, args.candidates or 1, skip, random_latents=args.random_latents)
     with open(path, "a" if skip else "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
             f.flush()  # a kill loses at most the row being written
     texts = [json.loads(l)["text"] for l in open(path)]
-    summary = dict(output=path, sampler=sampler, steps=steps, guidance=guidance, seed=args.seed, **timing_summary(clock))
+    summary = dict(output=path, sampler=sampler, steps=steps, guidance=guidance, seed=args.seed, random_latents=args.random_latents,
+                   ae_decoder=args.ae_decoder, **timing_summary(clock))
     if cfg.data == "demo" and not cfg.seq2seq:  # the demo grammar's exact checks (issue figures: valid, distinct, novel)
         m = text_metrics(texts, texts, load_data(cfg)["train"].texts, demo=True)
         summary.update({k: round(m[k], 4) for k in ("valid", "distinct", "novelty", "diversity", "memorization")})
-    write_json(os.path.join(args.run_dir, "sample_summary.json"), summary)
+    write_json(os.path.splitext(path)[0] + ".summary.json", summary)  # beside its samples: controls keep their own
     for t in texts[:5]:
         print("  " + t)
     print(json.dumps(summary, indent=1))
@@ -1606,11 +1608,9 @@ def load_featurizer(name, device):
             st = SentenceTransformer(str(path), device=str(device))
             return lambda texts: st.encode(texts, batch_size=64, convert_to_numpy=True)
         lm, tok = load_causal_lm(name, device)
-    except UserError as e:
-        print(f"MAUVE skipped: {e}", file=sys.stderr)
-        return None
-    except Exception as e:
-        print(f"MAUVE skipped: cannot load featurizer '{name}': {str(e).splitlines()[0][:160]}", file=sys.stderr)
+    except Exception as e:  # a UserError already says what failed
+        print(f"MAUVE skipped: {e if isinstance(e, UserError) else f'cannot load featurizer {name!r}: ' + str(e).splitlines()[0][:160]}",
+              file=sys.stderr)
         return None
 
     @torch.no_grad()
@@ -1823,16 +1823,14 @@ def random_lm_like(cfg: AEConfig):
 def timed(fn, repeats, device, warmup=2):
     """Median seconds of fn() over repeats, after warm-up calls (compilation, allocator, caches)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(warmup + repeats):
         sync()
         t = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(np.median(times[warmup:]))
 
 def cmd_bench(args):
     """Training steps/s of both stages, sampling time (diffusion and decoding) and MFU for a preset; each
@@ -1935,6 +1933,8 @@ def build_parser():
     s.add_argument("--output", help="JSONL to write (default RUN_DIR/samples.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue a partly written --output")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    s.add_argument("--random_latents", action="store_true", help="control: decode N(0, I) latents (on C3's sphere), no denoiser")
+    s.add_argument("--ae_decoder", action="store_true", help="control: read with the autoencoder's decoder, not the fine-tuned one")
     e = sub.add_parser("eval", help="§4.1: MAUVE, perplexity, diversity, memorization, ROUGE over seeds")
     e.add_argument("run_dir", nargs="?", help="run directory of `train` (or use --samples)")
     add_sample_flags(e, sweep=True)

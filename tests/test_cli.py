@@ -119,6 +119,25 @@ def test_sampling_is_reproducible_and_resumable(diff_run, tmp_path):
     assert ld4lg.main(["sample", diff_run, "--output", a, *common]) == 2  # exists: needs --overwrite
 
 
+def test_sampling_controls(diff_run, ae_run, tmp_path, monkeypatch):
+    """--random_latents decodes latents on C3's sphere without calling the denoiser; --ae_decoder reads
+    with the autoencoder run's own decoder instead of the one fine-tuned after the denoiser."""
+    seen = []
+    monkeypatch.setattr(ld4lg, "generate_latents", lambda *a, **k: pytest.fail("the denoiser ran"))
+    decode = ld4lg.LatentAutoencoder.generate
+    monkeypatch.setattr(ld4lg.LatentAutoencoder, "generate", lambda self, x, **k: seen.append(x) or decode(self, x, **k))
+    out = str(tmp_path / "r.jsonl")
+    assert ld4lg.main(["sample", diff_run, "--output", out, "--num_samples", "4", "--random_latents"]) == 0
+    assert json.load(open(str(tmp_path / "r.summary.json")))["random_latents"] is True
+    d_ae = seen[0].shape[-1]
+    assert torch.allclose(seen[0].norm(dim=-1), torch.full(seen[0].shape[:2], d_ae ** 0.5), atol=1e-4)
+    key = "reconstructor.in_proj.weight"
+    own = ld4lg.load_autoencoder(ae_run, torch.device("cpu"))[0].state_dict()
+    tuned = ld4lg.load_run(diff_run, torch.device("cpu"))[1].state_dict()
+    plain = ld4lg.load_run(diff_run, torch.device("cpu"), tuned=False)[1].state_dict()
+    assert torch.equal(plain[key], own[key]) and not torch.equal(tuned[key], own[key])
+
+
 def test_help_explains_flags(capsys):
     with pytest.raises(SystemExit):
         ld4lg.main(["train", "--help"])

@@ -28,7 +28,7 @@ def test_null_class_and_null_source_rates():
 def test_guidance_identities_class():
     cfg, model = random_denoiser(class_cond=True, num_classes=3)
     z, label = torch.randn(5, 4, 8), torch.tensor([0, 1, 2, 1, 0])
-    alpha = ld4lg.alpha_cosine(torch.full((5,), 0.3))
+    alpha = ld4lg.alpha_cosine(torch.full((5,), 0.3), cfg.schedule_scale)
     cond_pred = ld4lg.pred_to_x0_eps(model(z, alpha, None, label=label), z, alpha[:, None, None], cfg.objective)[0]
     uncond_pred = ld4lg.pred_to_x0_eps(model(z, alpha, None, label=torch.full_like(label, 3)), z, alpha[:, None, None], cfg.objective)[0]
     x1 = ld4lg.guided_model_fn(model, cfg, dict(label=label), 1.0)(z, 0.3, None)[0]
@@ -59,7 +59,7 @@ def test_guidance_identities_seq2seq():
     cfg, model = random_denoiser(seq2seq=True)
     z, ctx, mask = torch.randn(3, 4, 8), torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
     cond = dict(context=ctx, context_mask=mask)
-    alpha = ld4lg.alpha_cosine(torch.full((3,), 0.5))
+    alpha = ld4lg.alpha_cosine(torch.full((3,), 0.5), cfg.schedule_scale)
     drop = torch.ones(3, dtype=torch.bool)
     uncond = ld4lg.pred_to_x0_eps(model(z, alpha, None, **cond, drop_context=drop), z, alpha[:, None, None], "v")[0]
     assert torch.equal(ld4lg.guided_model_fn(model, cfg, cond, 0.0)(z, 0.5, None)[0], uncond)

@@ -56,10 +56,10 @@ def test_posterior_matches_direct_gaussian():
     assert torch.allclose(out.var(0), 1 - a_ts, atol=0.05)  # (D6) official variance 1 - α_{t|s}
 
 
-def oracle_fn(x, eps):
-    """A model function that knows the data x (and the noise of a fixed trajectory)."""
+def oracle_fn(x, eps, s=1.0):
+    """A model function that knows the data x (and the noise of a fixed trajectory) under schedule scale s."""
     def fn(z, t, x_self):
-        a = ld4lg.alpha_cosine(torch.tensor(t, dtype=z.dtype))
+        a = ld4lg.alpha_cosine(torch.tensor(t, dtype=z.dtype), s)
         return x, (z - a.sqrt() * x) / (1 - a).sqrt()
     return fn
 
@@ -68,25 +68,26 @@ def oracle_fn(x, eps):
 def test_oracle_sampler_ends_at_x(sampler):
     g = torch.Generator().manual_seed(0)
     x, z = torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
-    out = ld4lg.sample_loop(ld4lg.SAMPLERS[sampler], oracle_fn(x, None), z, torch.linspace(1, 0, 51).tolist(), diff_cfg(), g)
+    cfg = diff_cfg()
+    out = ld4lg.sample_loop(ld4lg.SAMPLERS[sampler], oracle_fn(x, None, cfg.schedule_scale), z, torch.linspace(1, 0, 51).tolist(), cfg, g)
     assert torch.allclose(out, x)
 
 
 def test_ddim_oracle_exact_every_step():
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(2, 4, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
-    ts = torch.linspace(1, 0, 21).tolist()
-    a0 = ld4lg.alpha_cosine(torch.tensor(ts[0], dtype=torch.float64))
+    ts, cfg = torch.linspace(1, 0, 21).tolist(), diff_cfg(self_cond=False)  # the sampler reads s from cfg (D5)
+    a0 = ld4lg.alpha_cosine(torch.tensor(ts[0], dtype=torch.float64), cfg.schedule_scale)
     z = a0.sqrt() * x + (1 - a0).sqrt() * eps
     seen = []  # z_s after each update, recorded by wrapping the update rule
 
     def ddim_recorded(*args):
         seen.append(ld4lg.ddim_update(*args))
         return seen[-1]
-    ld4lg.sample_loop(ddim_recorded, oracle_fn(x, eps), z, ts, diff_cfg(self_cond=False), g)
+    ld4lg.sample_loop(ddim_recorded, oracle_fn(x, eps, cfg.schedule_scale), z, ts, cfg, g)
     assert len(seen) == len(ts) - 2  # the last step returns x̂ instead of updating
     for i, z_s in enumerate(seen):
-        a = ld4lg.alpha_cosine(torch.tensor(ts[i + 1], dtype=torch.float64))
+        a = ld4lg.alpha_cosine(torch.tensor(ts[i + 1], dtype=torch.float64), cfg.schedule_scale)
         assert torch.allclose(z_s, a.sqrt() * x + (1 - a).sqrt() * eps, atol=1e-6)
 
 
