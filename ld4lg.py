@@ -552,6 +552,9 @@ class Block(nn.Module):
         x = x + self.attn(q, kv, mask)
         return x + self.ff(self.ln_ff(x))
 
+def on_sphere(x):  # (C3) ‖x_i‖² = d_ae, the expected squared norm of N(0, I) noise
+    return F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
+
 class Compressor(nn.Module):
     """(C1-C3) Perceiver resampler: ℓ learned queries read the LM encoder states into ℓ × d_ae latents."""
 
@@ -572,9 +575,7 @@ class Compressor(nn.Module):
         for layer in self.layers:
             z = layer(z, h, kv_mask)  # (C1) Z += MHA(Z, [Z; E(w)]), Z += FF(Z)
         x = self.out(z)  # (B, ℓ, d_ae)
-        if self.norm_latents:  # (C3) ‖x_i‖² = d_ae, the expected squared norm of N(0, I) noise
-            x = F.normalize(x, dim=-1) * math.sqrt(x.shape[-1])
-        return x
+        return on_sphere(x) if self.norm_latents else x
 
 class Reconstructor(nn.Module):
     """(R1) g_φ: Linear d_ae → d, learned positions, pre-LN transformer, projection to the LM width.
@@ -1413,8 +1414,7 @@ def load_run(run_dir, device, compile=False, tuned=True):
 
 def mbr_select(candidates):
     """(G4) index of the candidate with the least mean loss (−ROUGE-L) to the others: the medoid."""
-    n = len(candidates)
-    score = [sum(rouge_n(candidates[i], candidates[j], "l") for j in range(n) if j != i) for i in range(n)]
+    score = [sum(rouge_n(c, d, "l") for j, d in enumerate(candidates) if j != i) for i, c in enumerate(candidates)]
     return int(np.argmax(score))
 
 def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None, sources=None, references=None,
@@ -1444,7 +1444,7 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
             t0 = time.time()
             z = generate_latents(model, cfg, len(rows) * per, cond, sampler, steps, guidance, g) if not random_latents else \
                 torch.randn((len(rows) * per, ae_cfg.num_latents, ae_cfg.d_ae), device=device, generator=g)  # control: no denoiser
-            z = F.normalize(z, dim=-1) * math.sqrt(ae_cfg.d_ae) if random_latents and ae_cfg.norm_latents else z  # onto C3's sphere
+            z = on_sphere(z) if random_latents and ae_cfg.norm_latents else z  # control: onto C3's sphere
             t1 = time.time()
             texts = ae.generate(z, max_length=ae_cfg.max_len + 2, **DECODE)
             t2 = time.time()
