@@ -1512,12 +1512,9 @@ def cmd_sample(args):
     guidance = cfg.guidance if args.guidance is None else args.guidance
     labels, sources, references = resolve_condition(run, lambda: load_data(cfg), args, args.num_samples)
     path = args.output or os.path.join(args.run_dir, "samples.jsonl")
-    skip = 0
-    if os.path.exists(path):
-        if args.resume:
-            skip = sum(1 for _ in open(path))
-        elif not args.overwrite:
-            raise UserError(f"{path} exists; pass --resume to continue it or --overwrite to replace it")
+    if os.path.exists(path) and not (args.resume or args.overwrite):
+        raise UserError(f"{path} exists; pass --resume to continue it or --overwrite to replace it")
+    skip = sum(1 for _ in open(path)) if args.resume and os.path.exists(path) else 0  # rows already written
     rows, clock = sample_rows(run, args.num_samples, steps, sampler, guidance, args.batch_size, args.seed, labels, sources,
                               references, args.candidates or 1, skip, random_latents=args.random_latents)
     with open(path, "a" if skip else "w") as f:
@@ -1985,8 +1982,11 @@ def main(argv=None):
     try:
         if args.command in ("train-ae", "train"):
             cls, train = (AEConfig, train_ae) if args.command == "train-ae" else (DiffConfig, train_diffusion)
-            cfg = load_config(cls, args.out, "--resume: {} holds no run (no config.json)")[0] if args.resume else \
-                make_config(cls, args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "preset"})
+            flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "preset"}
+            cfg = load_config(cls, args.out, "--resume: {} holds no run (no config.json)")[0] if args.resume else make_config(cls, args.preset, **flags)
+            # --resume continues the saved config: a flag that disagrees with it would otherwise be ignored in silence
+            if bad := [f"--{k}" for k, v in flags.items() if args.resume and v is not None and type(getattr(cfg, k))(v) != getattr(cfg, k)]:
+                raise UserError(f"--resume continues {args.out} with its saved config, which these flags contradict: {', '.join(bad)} (use a new --out)")
             train(cfg, args.out, args.resume, args.overwrite)
         else:
             dict(sample=cmd_sample, bench=cmd_bench, eval=cmd_eval)[args.command](args)

@@ -41,6 +41,8 @@ case $preset in
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
     $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel
+    # control: the fine-tuned decoder alone, reading random latents (no denoiser): the validity the denoiser must beat
+    $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --random_latents --output "$runs/diffusion/control_random.jsonl" --overwrite
     $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-class)

@@ -66,6 +66,7 @@ def cases(ae_run, diff_run, class_run, b, tmp):
         "zero steps": ae + ["--steps", "0"],
         "existing run without --overwrite": ["train-ae", "--out", ae_run, *AE_FLAGS],
         "resume without a checkpoint": ["train-ae", "--out", str(tmp / "empty_run"), "--resume"],
+        "resume with a flag that differs from the run": ["train-ae", "--out", ae_run, "--resume", "--steps", "99"],
         "unknown timestep sampling": ["train", "--ae", ae_run, "--out", str(tmp / "d"), *DIFF_FLAGS, "--t_sampling", "bogus"],
         "autoencoder run of another stage": ["train", "--ae", diff_run, "--out", str(tmp / "d"), *DIFF_FLAGS],
         "sample from an autoencoder run": ["sample", ae_run, "--output", str(tmp / "s.jsonl")],
