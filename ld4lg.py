@@ -1985,7 +1985,7 @@ def main(argv=None):
             flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "preset"}
             cfg = load_config(cls, args.out, "--resume: {} holds no run (no config.json)")[0] if args.resume else make_config(cls, args.preset, **flags)
             # --resume continues the saved config: a flag that disagrees with it would otherwise be ignored in silence
-            if bad := [f"--{k}" for k, v in flags.items() if args.resume and v is not None and type(getattr(cfg, k))(v) != getattr(cfg, k)]:
+            if args.resume and (bad := [f"--{k}" for k, v in flags.items() if v is not None and type(getattr(cfg, k))(v) != getattr(cfg, k)]):
                 raise UserError(f"--resume continues {args.out} with its saved config, which these flags contradict: {', '.join(bad)} (use a new --out)")
             train(cfg, args.out, args.resume, args.overwrite)
         else:
