@@ -161,9 +161,10 @@ PRESETS = {
 # decoder fine-tuning); only the conditioning changes.
 _cond = PRESETS["demo"]["diff"]
 PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, class_cond=True, label_column="label"))
-# Cross-attention makes a seq2seq step ~2x slower on a CPU: 2200 steps keep the demo under 15 minutes.
+# Cross-attention makes a seq2seq step ~2x slower on a CPU: 2200 steps. The demo BPE (trained on the targets) splits
+# a slot record into up to 82 tokens: 96 keeps every slot (48 cut the last slots off half the records; README).
 PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, seq2seq=True, source_column="source", loss="l1",
-                                                                  guidance=2.0, max_source_len=48, steps=2200))
+                                                                  guidance=2.0, max_source_len=96, steps=2200))
 
 DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split", "eval_split", "max_len", "num_eval", "max_train"}
 
@@ -476,7 +477,7 @@ def tiny_lm(kind, tok, cfg: AEConfig):
         vocab_size=len(tok), d_model=d, encoder_layers=n, decoder_layers=n, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=4 * d, decoder_ffn_dim=4 * d, max_position_embeddings=max(cfg.max_len, 64) + 2,
         dropout=0.0, attention_dropout=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=tok.bos_token_id))
+        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id))
 
 def load_lm(cfg: AEConfig, run_dir=None, texts=None):
     """(lm, tokenizer). A tiny LM is rebuilt from the run's saved tokenizer; its weights come with the checkpoint."""
@@ -501,12 +502,11 @@ def load_lm(cfg: AEConfig, run_dir=None, texts=None):
     return lm, tok
 
 def tokenize(tok, texts, max_len, warn=None):
-    """Pad/truncate to max_len; warns once with the count of truncated texts."""
+    """Pad/truncate to max_len; warn = the flag that sets max_len: say how many texts were truncated."""
     enc = tok(list(texts), max_length=max_len, truncation=True, padding="longest", return_tensors="pt")
-    if warn is not None:
-        n_long = sum(len(ids) > max_len for ids in tok(list(texts), add_special_tokens=True)["input_ids"])
-        if n_long:
-            print(f"warning: {n_long} {warn} texts are longer than {max_len} tokens and were truncated", file=sys.stderr)
+    n_long = sum(len(ids) > max_len for ids in tok(list(texts))["input_ids"]) if warn else 0
+    if n_long:
+        print(f"warning: {n_long} of {len(texts)} texts are longer than --{warn} {max_len} tokens and were truncated", file=sys.stderr)
     return enc["input_ids"], enc["attention_mask"].bool()
 
 
@@ -1164,7 +1164,7 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
         ae.tok.save_pretrained(os.path.join(out, "tokenizer"))
     save_config(out, cfg)
     ae.to(device)
-    ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="training")
+    ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="max_len")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
     frozen_cache = cfg.lm_mode == "freeze" and cfg.cache_lm  # E(w) once, in host memory: the speed-up the paper names as missing
     states = encode_all(ae.lm_states, ids_all, mask_all, device, torch.bfloat16, "cpu", True) if frozen_cache else None
@@ -1215,8 +1215,9 @@ def joint_loss(ae, model, cfg: DiffConfig, ids, mask, cond, gamma, generator, ad
     loss = cfg.diff_weight * l_diff + cfg.mse_weight * l_mse + cfg.ce_weight * l_ce
     return loss, dict(loss=loss, diff_loss=l_diff, mse_loss=l_mse, ce_loss=l_ce, token_acc=acc, latent_var=var), t, per_sample
 
-def source_encoder(cfg: DiffConfig, ae, device):
-    """(G2) A frozen encoder of the source text: the autoencoder's own LM encoder by default."""
+def source_encoder(cfg: DiffConfig, ae, device, texts=None):
+    """(G2) A frozen encoder of the source text: the autoencoder's own LM encoder by default.
+    texts: the training sources, to warn once if --max_source_len cuts their ends (their last slots)."""
     if cfg.source_encoder:
         from transformers import AutoModel, AutoTokenizer
         try:
@@ -1228,6 +1229,8 @@ def source_encoder(cfg: DiffConfig, ae, device):
         tok, enc = ae.tok, ae.lm.get_encoder()
     enc = enc.to(device).eval().requires_grad_(False)
     dim = enc.config.d_model if hasattr(enc.config, "d_model") else enc.config.hidden_size
+    if texts is not None:  # once, at training
+        tokenize(tok, texts, cfg.max_source_len, warn="max_source_len")
 
     @torch.no_grad()  # frozen: no graph to keep
     def encode(texts):
@@ -1280,13 +1283,13 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         cfg.num_classes = max(train.labels) + 1
     resume = prepare_run_dir(out, resume, overwrite)
     save_config(out, cfg, ae_dir=os.path.relpath(os.path.abspath(cfg.ae), os.path.abspath(out)))
-    encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
+    encode_source, context_dim = source_encoder(cfg, ae, device, train.sources) if cfg.seq2seq else (None, 0)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     adaptive = AdaptiveTime().to(device) if cfg.t_sampling == "adaptive" or (cfg.t_sampling == "auto" and cfg.joint) else None
     weights = {"denoiser": model, "ema": ema.module, **({"adaptive_t": adaptive} if adaptive else {})}
-    ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="training")
+    ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="max_len")
     if cfg.joint:
         # (J1) the LM encoder is frozen (it gives the targets E(w)); compressor, reconstructor, readout
         # start fresh; the LM decoder trains when the autoencoder run fine-tuned its LM.
@@ -1556,10 +1559,7 @@ def rouge_n(hyp, ref, n):
     else:
         ch, cr = Counter(ngrams(h, n)), Counter(ngrams(r, n))
         overlap, nh, nr = sum((ch & cr).values()), max(len(h) - n + 1, 0), max(len(r) - n + 1, 0)
-    if overlap == 0:
-        return 0.0
-    p, rc = overlap / nh, overlap / nr
-    return 2 * p * rc / (p + rc)
+    return 2 * overlap / (nh + nr) if overlap else 0.0  # F1 = 2PR / (P + R), P = overlap / nh, R = overlap / nr
 
 def corpus_bleu(hyps, refs, max_n=4):
     """Corpus BLEU-4 (Papineni et al.) with one reference, brevity penalty, no smoothing."""

@@ -3,7 +3,7 @@ masks, MBR."""
 import torch
 
 import ld4lg
-from conftest import diff_cfg
+from conftest import ae_cfg, diff_cfg
 
 
 def random_denoiser(**kw):
@@ -65,6 +65,23 @@ def test_guidance_identities_seq2seq():
     assert torch.equal(ld4lg.guided_model_fn(model, cfg, cond, 0.0)(z, 0.5, None)[0], uncond)
     c = ld4lg.guided_model_fn(model, cfg, cond, 1.0)(z, 0.5, None)[0]
     assert torch.allclose(ld4lg.guided_model_fn(model, cfg, cond, 3.0)(z, 0.5, None)[0], 3 * c - 2 * uncond, atol=1e-5)
+
+
+def test_source_encoder_reports_cut_sources(capsys):
+    """Sources longer than --max_source_len lose their last slots: training says how many, once."""
+    rows = ld4lg.demo_corpus(40, seed=3)
+    ae = ld4lg.build_autoencoder(ae_cfg(), None, [t for t, _, _ in rows])
+    sources = [s for _, s, _ in rows]
+    lengths = sorted(len(ids) for ids in ae.tok(sources)["input_ids"])
+    limit = lengths[len(lengths) // 2]  # the median: some sources are cut, some not
+    n_long = sum(n > limit for n in lengths)
+    assert 0 < n_long < len(sources)
+    encode, dim = ld4lg.source_encoder(diff_cfg(seq2seq=True, max_source_len=limit), ae, torch.device("cpu"), sources)
+    assert f"{n_long} of 40 texts are longer than --max_source_len {limit} tokens" in capsys.readouterr().err
+    ctx, mask = encode(sources)
+    assert ctx.shape[:2] == mask.shape == (40, limit) and ctx.shape[2] == dim
+    ld4lg.source_encoder(diff_cfg(seq2seq=True, max_source_len=512), ae, torch.device("cpu"), sources)
+    assert "longer than" not in capsys.readouterr().err
 
 
 def test_mbr_picks_medoid():
