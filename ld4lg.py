@@ -162,10 +162,10 @@ PRESETS = {
 # decoder fine-tuning); only the conditioning changes.
 _cond = PRESETS["demo"]["diff"]
 PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, class_cond=True, label_column="label"))
-# Cross-attention makes a seq2seq step ~2x slower on a CPU: 2200 steps. The demo BPE (trained on the targets) splits
-# a slot record into up to 82 tokens: 96 keeps every slot (48 cut the last slots off half the records; README).
+# Cross-attention makes a seq2seq step ~2x slower on a CPU: 2200 steps. A slot record ("subject: coach, verb: kick, ...")
+# is at most 55 tokens of the demo BPE: the default --max_source_len 64 keeps every slot (README).
 PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, seq2seq=True, source_column="source", loss="l1",
-                                                                  guidance=2.0, max_source_len=96, steps=2200))
+                                                                  guidance=2.0, steps=2200))
 
 DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split", "eval_split", "max_len", "num_eval", "max_train"}
 
@@ -275,7 +275,7 @@ def demo_sentence(rng: random.Random, topic: str):
     text = f"{time_}, {body}." if time_ and r < 0.25 else f"{body} {time_}." if time_ else f"{body}."  # time first, last or none
     if time_:
         slots["time"] = time_.split()[-1]
-    source = ", ".join(f"{k}[{v}]" for k, v in slots.items())
+    source = ", ".join(f"{k}: {v}" for k, v in slots.items())  # "verb: catch", not "verb[catch]": a slot word keeps its BPE tokens
     return text[0].upper() + text[1:], source
 
 def _demo_patterns():
@@ -321,7 +321,7 @@ def demo_is_valid(text: str) -> bool:
 def demo_slots_ok(text: str, source: str) -> bool:
     """Seq2seq check: the text is valid and realises every slot value of its record."""
     words = set(re.findall(r"[a-z]+", text.lower()))
-    return demo_is_valid(text) and all(v.lower() in words for v in re.findall(r"\[(\w+)\]", source))
+    return demo_is_valid(text) and all(v.lower() in words for v in re.findall(r"\w+: (\w+)", source))
 
 def demo_corpus(n: int, seed: int):
     """n (text, label, source) rows; topics cycle so the classes are balanced."""

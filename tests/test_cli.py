@@ -38,7 +38,7 @@ def bad_files(tmp_path_factory):
     (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 50)
     (d / "huge.txt").write_text("word " * 20000 + "\n" + "short text\n" * 50)
     (d / "badjson.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    (d / "sources.txt").write_text("subject[coach], verb[kicks], object[ball]\n")
+    (d / "sources.txt").write_text("subject: coach, verb: kicks, object: ball\n")
     return d
 
 
