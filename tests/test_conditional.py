@@ -98,7 +98,7 @@ def test_cached_source_states_match_the_encoder(capsys):
     assert torch.equal(cm, fm) and c.shape == f.shape
     err = (c[cm] - f[fm]).abs().max() / f[fm].abs().max()
     assert 0 < err < 1e-2  # bf16 rounding: read from the cache, and the same states
-    unseen = ["subject[lighthouse], verb[sings]"]
+    unseen = ["subject: lighthouse, verb: sings"]
     assert torch.equal(cached(unseen)[0], fresh(unseen)[0])
 
 
