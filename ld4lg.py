@@ -19,7 +19,7 @@ Three commands run it end to end on the built-in offline demo corpus:
 """
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, json, math, os, random, re, shutil, signal, sys, time, warnings
+import argparse, contextlib, dataclasses, functools, json, math, os, random, re, shutil, signal, sys, time, warnings
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 
@@ -1514,7 +1514,8 @@ def cmd_sample(args):
         raise UserError(f"--{bad[0]} must be positive")
     steps, sampler = args.steps or cfg.sample_steps, args.sampler or cfg.sampler
     guidance = cfg.guidance if args.guidance is None else args.guidance
-    labels, sources, references = resolve_condition(run, lambda: load_data(cfg), args, args.num_samples)
+    data = functools.cache(lambda: load_data(cfg))  # read at most once: for sources and for the demo checks
+    labels, sources, references = resolve_condition(run, data, args, args.num_samples)
     path = args.output or os.path.join(args.run_dir, "samples.jsonl")
     if os.path.exists(path) and not (args.resume or args.overwrite):
         raise UserError(f"{path} exists; pass --resume to continue it or --overwrite to replace it")
@@ -1529,7 +1530,7 @@ def cmd_sample(args):
     summary = dict(output=path, sampler=sampler, steps=steps, guidance=guidance, seed=args.seed, random_latents=args.random_latents,
                    ae_decoder=args.ae_decoder, **timing_summary(clock))
     if cfg.data == "demo":  # the demo grammar's exact checks (issue figures: valid, distinct, novel; seq2seq: slot check)
-        m = text_metrics(texts, texts, load_data(cfg)["train"].texts, demo=True, sources=sources)
+        m = text_metrics(texts, texts, data()["train"].texts, demo=True, sources=sources)
         summary.update({k: round(m[k], 4) for k in ("valid", "distinct", "novelty", "diversity", "memorization", "slot_acc") if k in m})
     write_json(os.path.splitext(path)[0] + ".summary.json", summary)  # beside its samples: controls keep their own
     for t in texts[:5]:
