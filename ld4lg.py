@@ -1209,8 +1209,8 @@ def joint_loss(ae, model, cfg: DiffConfig, ids, mask, cond, gamma, generator, ad
     return loss, dict(loss=loss, diff_loss=l_diff, mse_loss=l_mse, ce_loss=l_ce, token_acc=acc, latent_var=var), t, per_sample
 
 def source_encoder(cfg: DiffConfig, ae, device, texts=None):
-    """(G2) A frozen encoder of the source text: the autoencoder's own LM encoder by default. texts: the training
-    sources, to warn once if --max_source_len cuts their ends (their last slots) and to cache their states."""
+    """(G2) A frozen encoder of the source text: the autoencoder's own LM encoder by default. texts: the sources
+    to come (training or sampling), to warn once if --max_source_len cuts their ends and to cache their states."""
     if cfg.source_encoder:
         from transformers import AutoModel, AutoTokenizer
         try:
@@ -1222,9 +1222,11 @@ def source_encoder(cfg: DiffConfig, ae, device, texts=None):
         tok, enc = ae.tok, ae.lm.get_encoder()
     enc = enc.to(device).eval().requires_grad_(False)
     dim = enc.config.d_model if hasattr(enc.config, "d_model") else enc.config.hidden_size
+    if cfg.max_source_len > (limit := getattr(enc.config, "max_position_embeddings", None) or cfg.max_source_len):  # T5: relative
+        raise UserError(f"--max_source_len {cfg.max_source_len} is more than the source encoder's {limit} positions")
     states = torch.no_grad()(lambda ids, mask: enc(input_ids=ids, attention_mask=mask).last_hidden_state.float())  # frozen
     cache = None
-    if texts is not None:  # once, at training: say whether --max_source_len cuts sources; cache their states if they fit
+    if texts is not None:  # once: say whether --max_source_len cuts the sources; cache their states if they fit
         ids, mask = tokenize(tok, texts, cfg.max_source_len, warn="max_source_len")
         if (gb := ids.numel() * dim * 2 / 2**30) <= cfg.cache_sources:  # the source-side twin of the latent cache
             cache, row = encode_all(states, ids, mask, device, torch.bfloat16, "cpu", True), {s: i for i, s in enumerate(texts)}
@@ -1398,9 +1400,9 @@ def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, 
     with autocast(device):
         return sample_loop(SAMPLERS[sampler], guided_model_fn(model, cfg, cond, guidance), z, ts, cfg, generator).float()
 
-def load_run(run_dir, device, compile=False, tuned=True):
-    """(cfg, autoencoder, EMA denoiser (compiled on request, CUDA), source encoder): all that sampling needs.
-    tuned=False keeps the autoencoder's own decoder where the run fine-tuned one (a control)."""
+def load_run(run_dir, device, compile=False, tuned=True, sources=None):
+    """(cfg, autoencoder, EMA denoiser (compiled on request, CUDA), source encoder of `sources`): all that sampling
+    needs. tuned=False keeps the autoencoder's own decoder where the run fine-tuned one (a control)."""
     cfg, raw = load_config(DiffConfig, run_dir)
     ae_dir = os.path.normpath(os.path.join(run_dir, raw["ae_dir"]))
     ae, ae_cfg = load_autoencoder(ae_dir, device)
@@ -1411,7 +1413,7 @@ def load_run(run_dir, device, compile=False, tuned=True):
         ae.eval()
     if cfg.tune_decoder and not cfg.joint and tuned:  # the decoder fine-tuned after the denoiser (J4, two-stage)
         load_weights(ae, os.path.join(checkpoint_dir(os.path.join(run_dir, "decoder")), "ae.safetensors"))
-    encode_source, context_dim = source_encoder(cfg, ae, device) if cfg.seq2seq else (None, 0)
+    encode_source, context_dim = source_encoder(cfg, ae, device, sources) if cfg.seq2seq else (None, 0)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device).eval()
     load_weights(model, os.path.join(ck, "ema.safetensors"))
     return cfg, ae, ae_cfg, torch.compile(model) if compile and device.type == "cuda" else model, encode_source
@@ -1452,9 +1454,8 @@ def sample_rows(run, n, steps, sampler, guidance, batch_size, seed, labels=None,
             t1 = time.time()
             texts = ae.generate(z, max_length=ae_cfg.max_len + 2, **DECODE)
             t2 = time.time()
-            clock["diffusion_s"] += t1 - t0
-            clock["decoding_s"] += t2 - t1
-            clock["samples"] += len(texts)
+            for k, v in dict(diffusion_s=t1 - t0, decoding_s=t2 - t1, samples=len(texts)).items():
+                clock[k] += v
             for j, i in enumerate(rows):
                 if i < skip:
                     continue
@@ -1480,9 +1481,8 @@ def timing_summary(clock):
                 diffusion_s_per_1000=round(1000 * clock["diffusion_s"] / n, 1), decoding_s_per_1000=round(1000 * clock["decoding_s"] / n, 1),
                 total_s_per_1000=round(1000 * total / n, 1))
 
-def resolve_condition(run, data, args, n):
+def resolve_condition(cfg, data, args, n):
     """Labels, sources and references for `sample`: --class / all classes, --source-file / a split."""
-    cfg = run[0]
     labels = sources = references = None
     if args.guidance is not None and args.guidance != 1.0 and not (cfg.class_cond or cfg.seq2seq):
         raise UserError("--guidance needs a class-conditional or seq2seq model; this one is unconditional")
@@ -1508,14 +1508,14 @@ def cmd_sample(args):
     """`sample RUN_DIR`: writes RUN_DIR/samples.jsonl (or --output) line by line; prints a few."""
     device = pick_device(args.device)
     DECODE.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
-    run = load_run(args.run_dir, device, args.compile, tuned=not args.ae_decoder)
-    cfg = run[0]
+    cfg = load_config(DiffConfig, args.run_dir)[0]
     if bad := [k for k in ("num_samples", "steps", "batch_size", "candidates") if getattr(args, k) is not None and getattr(args, k) <= 0]:
         raise UserError(f"--{bad[0]} must be positive")
     steps, sampler = args.steps or cfg.sample_steps, args.sampler or cfg.sampler
     guidance = cfg.guidance if args.guidance is None else args.guidance
     data = functools.cache(lambda: load_data(cfg))  # read at most once: for sources and for the demo checks
-    labels, sources, references = resolve_condition(run, data, args, args.num_samples)
+    labels, sources, references = resolve_condition(cfg, data, args, args.num_samples)
+    run = load_run(args.run_dir, device, args.compile, tuned=not args.ae_decoder, sources=sources)
     path = args.output or os.path.join(args.run_dir, "samples.jsonl")
     if os.path.exists(path) and not (args.resume or args.overwrite):
         raise UserError(f"{path} exists; pass --resume to continue it or --overwrite to replace it")
@@ -1720,8 +1720,7 @@ def cmd_eval(args):
         out = os.path.splitext(args.samples)[0] + ".eval.json"
         write_json(out, dict(metrics=m, featurizer=args.featurizer, references=args.references))
         return m
-    run = load_run(args.run_dir, device, args.compile)
-    cfg = run[0]
+    cfg = load_config(DiffConfig, args.run_dir)[0]
     if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
         raise UserError("--guidance_sweep needs a class-conditional or seq2seq model; this one is unconditional")
     data = load_data(cfg)
@@ -1739,6 +1738,7 @@ def cmd_eval(args):
             groups.setdefault(src, []).append(ref)
         sources = list(groups)[:n]
         refs = [groups[src] for src in sources]
+    run = load_run(args.run_dir, device, args.compile, sources=sources)
 
     def run_once(seed, steps=steps, guidance=guidance):
         labels = [i % cfg.num_classes for i in range(n)] if cfg.class_cond else None

@@ -1,5 +1,8 @@
 """§3.2 conditioning: condition dropout rates, classifier-free guidance identities, cross-attention
 masks, MBR."""
+import json
+
+import pytest
 import torch
 
 import ld4lg
@@ -83,6 +86,22 @@ def test_source_encoder_reports_cut_sources(capsys):
     fit = [s for s, ids in zip(sources, ae.tok(sources)["input_ids"]) if len(ids) <= limit]
     ld4lg.source_encoder(diff_cfg(seq2seq=True, max_source_len=limit), ae, torch.device("cpu"), fit)
     assert "longer than" not in capsys.readouterr().err
+    # learned positions (the tiny BART's) end somewhere: a longer --max_source_len is a clear error, not an index error
+    with pytest.raises(ld4lg.UserError, match="positions"):
+        ld4lg.source_encoder(diff_cfg(seq2seq=True, max_source_len=ae.lm.config.max_position_embeddings + 1), ae, torch.device("cpu"))
+
+
+def test_seq2seq_sample_reports_cut_sources(ae_run, tmp_path, capsys):
+    """`sample` on a seq2seq run: one row per source, and a source that --max_source_len cuts is reported."""
+    run = str(tmp_path / "s2s")
+    ld4lg.train_diffusion(diff_cfg(ae=ae_run, seq2seq=True, source_column="source", max_source_len=16), run)
+    capsys.readouterr()
+    (tmp_path / "src.txt").write_text("subject: coach\nsubject: coach, verb: kick, object: ball, place: stadium, time: Monday\n")
+    assert ld4lg.main(["sample", run, "--source-file", str(tmp_path / "src.txt"), "--num_samples", "2", "--steps", "3",
+                       "--output", str(tmp_path / "s.jsonl")]) == 0
+    assert "1 of 2 texts are longer than --max_source_len 16 tokens" in capsys.readouterr().err
+    rows = [json.loads(l) for l in open(tmp_path / "s.jsonl")]
+    assert [r["source"] for r in rows] == (tmp_path / "src.txt").read_text().splitlines()
 
 
 def test_cached_source_states_match_the_encoder(capsys):
