@@ -114,7 +114,7 @@ class DiffConfig(TrainConfig):
     seq2seq: bool = opt(False, "(G2) condition on the source column through cross-attention")
     source_encoder: str = opt("", "HF encoder for the source ('' = the autoencoder's own LM encoder)")
     max_source_len: int = opt(64, "maximum source length in tokens")
-    cache_sources: float = opt(8.0, "GB of host memory for the source states of the training set (bf16, once); larger or 0: every batch")
+    cache_sources: float = opt(8.0, "GB of host memory for the source states of the training (or sampled) sources, bf16; more or 0: every batch")
     cond_drop: float = opt(0.1, "(G1, G2) probability of the null class / null source in training")
     ema_decay: float = opt(0.9999, "EMA of the weights; sampling uses the EMA")
     num_classes: int = opt(0, "C, set from the training labels when class_cond")
@@ -1231,7 +1231,7 @@ def source_encoder(cfg: DiffConfig, ae, device, texts=None):
         if (gb := ids.numel() * dim * 2 / 2**30) <= cfg.cache_sources:  # the source-side twin of the latent cache
             cache, row = encode_all(states, ids, mask, device, torch.bfloat16, "cpu", True), {s: i for i, s in enumerate(texts)}
         else:
-            print(f"source states of the training set: {gb:.1f} GB > --cache_sources {cfg.cache_sources:g}: encoded every batch")
+            print(f"source states of {len(texts)} sources: {gb:.1f} GB > --cache_sources {cfg.cache_sources:g}: encoded every batch")
 
     def encode(texts):
         if cache is not None and all(s in row for s in texts):  # training sources: read the cache
