@@ -1284,9 +1284,9 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     train = data["train"]
     if cfg.class_cond:
         cfg.num_classes = max(train.labels) + 1
-    resume = prepare_run_dir(out, resume, overwrite)
-    save_config(out, cfg, ae_dir=os.path.relpath(os.path.abspath(cfg.ae), os.path.abspath(out)))
     encode_source, context_dim = source_encoder(cfg, ae, device, train.sources) if cfg.seq2seq else (None, 0)
+    resume = prepare_run_dir(out, resume, overwrite)  # after every check of the input: a bad flag leaves no run behind
+    save_config(out, cfg, ae_dir=os.path.relpath(os.path.abspath(cfg.ae), os.path.abspath(out)))
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)

@@ -77,6 +77,8 @@ def cases(ae_run, diff_run, class_run, b, tmp):
         "class id out of range": ["sample", class_run, "--class", "9", "--output", str(tmp / "s.jsonl")],
         "source file without seq2seq": ["sample", diff_run, "--source-file", str(b / "sources.txt"), "--output", str(tmp / "s.jsonl")],
         "missing featurizer directory": ["eval", diff_run, "--featurizer", str(tmp / "no_model"), "--num_samples", "4"],
+        "source length beyond the encoder's positions": ["train", "--preset", "demo-seq2seq", "--ae", ae_run, "--out", str(tmp / "s2s"),
+                                                         *DIFF_FLAGS, "--max_source_len", "100"],  # the tiny BART's: 66
         "truncated checkpoint": ["sample", str(tmp / "trunc"), "--output", str(tmp / "s.jsonl")],
         "foreign checkpoint": ["sample", str(tmp / "foreign"), "--output", str(tmp / "s.jsonl")],
     }
@@ -103,6 +105,7 @@ def test_bad_input_catalogue(ae_run, diff_run, class_run, bad_files, tmp_path, c
         assert rc == 2, name
         assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), (name, err)
         assert not (tmp_path / "new" / "ckpt").exists(), name
+    assert not (tmp_path / "s2s").exists()  # a bad flag leaves no half-made run directory behind
     assert before == {p: snapshot(p) for p in before}  # nothing that existed was touched
 
 
