@@ -1234,7 +1234,7 @@ def source_encoder(cfg: DiffConfig, ae, device, texts=None):
             print(f"source states of {len(texts)} sources: {gb:.1f} GB > --cache_sources {cfg.cache_sources:g}: encoded every batch")
 
     def encode(texts):
-        if cache is not None and all(s in row for s in texts):  # training sources: read the cache
+        if cache is not None and all(s in row for s in texts):  # sources given up front (training, sampling): the cache
             idx = torch.tensor([row[s] for s in texts])
             L = int(mask[idx].sum(1).max())  # trimmed to the batch's longest source, as tokenize pads
             return cache[idx, :L].to(device).float(), mask[idx, :L].to(device)
