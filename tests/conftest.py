@@ -9,6 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ld4lg  # noqa: E402
 
 torch.set_num_threads(2)
+# huggingface_hub's logger gets its stderr handler on first use; made here, not inside a test's capsys (whose stream
+# closes with the test), so the order in which test files run does not matter.
+from huggingface_hub.utils import logging as hub_logging  # noqa: E402
+hub_logging.get_logger()
 
 # Smallest shapes that still exercise every code path.
 TINY_AE = dict(data="demo", lm="tiny", lm_mode="ft", tiny_dim=32, tiny_layers=1, tiny_vocab=300, max_len=32, num_latents=4,
