@@ -143,10 +143,10 @@ PRESETS = {
                 ae_heads=4, enc_layers=2, dec_layers=2, batch_size=64, lr=1e-3, warmup=200, steps=1200,
                 num_eval=500, eval_every=400, weight_decay=0.0, latent_noise=0.5),
         # A short run needs a short EMA (window ~1/(1−decay) = 200 steps) and a high peak lr (1500-step probes, README);
-        # 3500 denoiser steps + 1500 of decoder fine-tuning (J4, two-stage) take the time of 4000 denoiser steps.
+        # Batch 64 runs ~2x the steps/s of 128 on a CPU: 7000 steps of 64 beat 3500 of 128 in the same time (README).
         # (D5) s = 0.5: more noise at every t; the small denoiser fails at high noise, and trains more there (README).
-        diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, batch_size=128, lr=3e-3, warmup=200, schedule_scale=0.5,
-                  steps=3500, ema_decay=0.995, eval_every=1000, weight_decay=0.0, warmup_joint=1000, tune_decoder=1500)),
+        diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, batch_size=64, lr=3e-3, warmup=200, schedule_scale=0.5,
+                  steps=7000, ema_decay=0.995, eval_every=1000, weight_decay=0.0, warmup_joint=1000, tune_decoder=1500)),
     # Paper recipes with BART-base (Tables 13-14).
     "roc": dict(ae=dict(data="mintujupally/ROCStories", text_column="text"), diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6)),
     "ag_news": dict(ae=dict(data="fancyzhx/ag_news", text_column="text", label_column="label", eval_split="test"),
@@ -158,14 +158,13 @@ PRESETS = {
     "qqp": dict(ae=dict(data="glue:qqp", text_column="question2", source_column="question1", eval_split="validation"),
                 diff=dict(steps=250_000, lr=2e-4, batch_size=128, weight_decay=1e-6, seq2seq=True, loss="l1", guidance=2.0)),
 }
-# The demo's conditional variants reuse the demo autoencoder and its schedule (3500 denoiser steps, then the
-# decoder fine-tuning); only the conditioning changes.
+# The demo's conditional variants reuse the demo autoencoder and its schedule; only the conditioning changes.
 _cond = PRESETS["demo"]["diff"]
 PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, class_cond=True, label_column="label"))
-# Cross-attention makes a seq2seq step ~2x slower on a CPU: 2200 steps. A slot record ("subject: coach, verb: kick, ...")
+# Cross-attention makes a seq2seq step ~2x slower on a CPU: 4400 steps. A slot record ("subject: coach, verb: kick, ...")
 # is at most 55 tokens of the demo BPE: the default --max_source_len 64 keeps every slot (README).
 PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, seq2seq=True, source_column="source", loss="l1",
-                                                                  guidance=2.0, steps=2200))
+                                                                  guidance=2.0, steps=4400))
 
 DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split", "eval_split", "max_len", "num_eval", "max_train"}
 
@@ -1836,7 +1835,7 @@ def cmd_bench(args):
     fast path can be switched off (--no_bf16, --no_fused, --no_compile) to measure its before and after."""
     device, bf16, fused = pick_device(args.device), not args.no_bf16, not args.no_fused
     compile, cuda = not args.no_compile and device.type == "cuda", device.type == "cuda"
-    acfg, dcfg = make_config(AEConfig, args.preset), make_config(DiffConfig, args.preset, num_classes=4)  # ag_news: 4
+    acfg, dcfg = make_config(AEConfig, args.preset), make_config(DiffConfig, args.preset, num_classes=4, batch_size=args.batch_size)
     torch.manual_seed(0)
     lm = random_lm_like(acfg)
     ae, model = LatentAutoencoder(lm, None, acfg).to(device).train(), build_denoiser(dcfg, acfg).to(device)
@@ -1952,6 +1951,7 @@ def build_parser():
     b.add_argument("--no_bf16", action="store_true", help="float32 on CUDA: the 'before' of bf16 autocast")
     b.add_argument("--no_fused", action="store_true", help="for-each AdamW: the 'before' of the fused CUDA kernel")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up; the median is reported")
+    b.add_argument("--batch_size", type=int, help="denoiser training batch (default: the preset's)")
     b.add_argument("--sample_batch", type=int, default=250, help="latents per sampling batch (scaled to 1000 samples)")
     b.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU when the GPU is not in the table")
     b.add_argument("--output", help="also write the results as JSON here")

@@ -37,7 +37,7 @@ ae() {  # train the autoencoder unless a finished one exists (the conditional de
 case $preset in
   demo|demo-noselfcond)
     ae runs/demo/ae --preset demo
-    # denoiser (3500 steps) → decoder fine-tuning on noised latents (J4, two-stage; runs/demo/diffusion/decoder)
+    # denoiser (7000 steps of batch 64) → decoder fine-tuning on noised latents (J4, two-stage; runs/demo/diffusion/decoder)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
     $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel
@@ -87,12 +87,13 @@ case $preset in
        --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500
     if [ "$preset" = e2e-seq2seq ]; then
       $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
-          --max_len 64 --max_source_len 64 --steps 2000 --time_budget 20 --tune_decoder 0 --schedule_scale 1 "$@"
+          --max_len 64 --max_source_len 64 --batch_size 128 --steps 2000 --time_budget 20 --tune_decoder 0 --schedule_scale 1 "$@"
       $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     else
       for mode in two-stage joint; do
-        # joint: batch 64 and a 300-step γ ramp, so that the slower joint step still completes its warm-up
-        j=(); [ $mode = joint ] && j=(--joint --batch_size 64 --warmup_joint 300)
+        # two-stage: batch 128, as measured; joint: batch 64 and a 300-step γ ramp, so that the slower joint step
+        # still completes its warm-up
+        j=(--batch_size 128); [ $mode = joint ] && j=(--joint --batch_size 64 --warmup_joint 300)
         $py ld4lg.py train --preset demo --ae runs/e2e-tiny/ae --out "$runs/$mode" --overwrite --data "$E2E_DIR" \
             --text_column ref --max_len 64 --steps 100000 --time_budget 15 --tune_decoder 0 --schedule_scale 1 "${j[@]}" "$@"
         $py ld4lg.py eval "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
