@@ -161,8 +161,7 @@ PRESETS = {
 # The demo's conditional variants reuse the demo autoencoder and its schedule; only the conditioning changes.
 _cond = PRESETS["demo"]["diff"]
 PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, class_cond=True, label_column="label"))
-# Cross-attention makes a seq2seq step ~2x slower on a CPU: 4400 steps. A slot record ("subject: coach, verb: kick, ...")
-# is at most 55 tokens of the demo BPE: the default --max_source_len 64 keeps every slot (README).
+# Cross-attention makes a seq2seq step ~2x slower on a CPU: 4400 steps. A slot record is at most 55 demo BPE tokens (README).
 PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, seq2seq=True, source_column="source", loss="l1",
                                                                   guidance=2.0, steps=4400))
 
@@ -1835,7 +1834,8 @@ def cmd_bench(args):
     fast path can be switched off (--no_bf16, --no_fused, --no_compile) to measure its before and after."""
     device, bf16, fused = pick_device(args.device), not args.no_bf16, not args.no_fused
     compile, cuda = not args.no_compile and device.type == "cuda", device.type == "cuda"
-    acfg, dcfg = make_config(AEConfig, args.preset), make_config(DiffConfig, args.preset, num_classes=4, batch_size=args.batch_size)
+    acfg = make_config(AEConfig, args.preset)
+    dcfg = make_config(DiffConfig, args.preset, num_classes=4, batch_size=args.batch_size)  # ag_news: 4 classes
     torch.manual_seed(0)
     lm = random_lm_like(acfg)
     ae, model = LatentAutoencoder(lm, None, acfg).to(device).train(), build_denoiser(dcfg, acfg).to(device)
