@@ -18,7 +18,8 @@ def loss_fn(step, idx, gen, net):
     loss = ((net(X[idx]) - Y[idx]) ** 2).mean()  # equal per-rank batches: the mean of means is the global mean
     return loss, dict(loss=loss)
 loss_fn.num_rows = 64
-cfg = ld4lg.make_config(ld4lg.AEConfig, "demo", batch_size=16, steps=20, warmup=2, lr=1e-2, log_every=5, eval_every=10)
+cfg = ld4lg.make_config(ld4lg.AEConfig, "demo", batch_size=16, steps=20, warmup=2, lr=1e-2, log_every=5, eval_every=10,
+                        bf16=False)  # float32: an equality to 1e-5
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
 ld4lg.train_loop(cfg, out, model, loss_fn, None, torch.device("cpu"), False, dict(model=model))
