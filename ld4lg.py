@@ -19,7 +19,7 @@ Three commands run it end to end on the built-in offline demo corpus:
 """
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, functools, json, math, os, random, re, shutil, signal, sys, time, warnings
+import argparse, atexit, contextlib, dataclasses, functools, json, math, os, random, re, shutil, signal, sys, time, warnings
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 
@@ -161,9 +161,9 @@ PRESETS = {
 # The demo's conditional variants reuse the demo autoencoder and its schedule; only the conditioning changes.
 _cond = PRESETS["demo"]["diff"]
 PRESETS["demo-class"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, class_cond=True, label_column="label"))
-# Cross-attention makes a seq2seq step ~2x slower on a CPU: 4400 steps. A slot record is at most 55 demo BPE tokens (README).
+# Cross-attention makes a seq2seq step ~2x slower on a CPU: 8800 steps. A slot record is at most 55 demo BPE tokens (README).
 PRESETS["demo-seq2seq"] = dict(ae=PRESETS["demo"]["ae"], diff=dict(_cond, seq2seq=True, source_column="source", loss="l1",
-                                                                  guidance=2.0, steps=4400))
+                                                                  guidance=2.0, steps=8800))
 
 DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split", "eval_split", "max_len", "num_eval", "max_train"}
 
@@ -323,8 +323,7 @@ def demo_slots_ok(text: str, source: str) -> bool:
 
 def demo_corpus(n: int, seed: int):
     """n (text, label, source) rows; topics cycle so the classes are balanced."""
-    rng = random.Random(seed)
-    topics = list(DEMO_TOPICS)
+    rng, topics = random.Random(seed), list(DEMO_TOPICS)
     return [(*demo_sentence(rng, topics[i % 4]), i % 4) for i in range(n)]
 
 @dataclass
@@ -942,8 +941,7 @@ def save_checkpoint(run_dir, weights: dict, train_state: dict):
     """Write ckpt.tmp/ completely, then swap it in with renames: a kill at any moment leaves either
     ckpt/ or ckpt.old/ whole. weights: file stem -> module; safetensors for weights, torch for the rest."""
     tmp, cur, old = (os.path.join(run_dir, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)  # a ckpt.tmp/ left by a kill is stale
     for stem, module in weights.items():  # save_model stores tied weights (BART's shared embeddings) once
         save_model(module, os.path.join(tmp, f"{stem}.safetensors"))
     torch.save(train_state, os.path.join(tmp, "state.pt"))
@@ -997,6 +995,8 @@ def setup_distributed(device):
     """Join the torchrun process group (NCCL on GPUs, gloo on CPU) when WORLD_SIZE > 1."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # all ranks done, then destroy: a rank that exits first, or without destroying, can abort in gloo (SIGABRT)
+        atexit.register(lambda: (torch.distributed.barrier(), torch.distributed.destroy_process_group()))
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist_info()
@@ -1135,7 +1135,7 @@ def ae_reconstruction_metrics(ae, split: Split, cfg: AEConfig, device, max_texts
     hyps, loss, acc = [], 0.0, 0.0
     for i in range(0, len(texts), batch_size):
         ids, mask = (t.to(device) for t in tokenize(ae.tok, texts[i:i + batch_size], cfg.max_len))
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, cfg.bf16):
             l, a = ae(ids, mask)
             hyps += ae.generate(ae.compressor(ae.lm_states(ids, mask), mask), max_length=cfg.max_len + 2)
         loss, acc = loss + float(l) * len(ids), acc + float(a) * len(ids)
@@ -1160,7 +1160,7 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="max_len")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
     frozen_cache = cfg.lm_mode == "freeze" and cfg.cache_lm  # E(w) once, in host memory: the speed-up the paper names as missing
-    states = encode_all(ae.lm_states, ids_all, mask_all, device, torch.bfloat16, "cpu", True) if frozen_cache else None
+    states = encode_all(ae.lm_states, ids_all, mask_all, device, torch.bfloat16, "cpu", True, cfg.bf16) if frozen_cache else None
 
     def loss_fn(step, idx, gen, net):
         L = int(mask_all[idx].sum(1).max())  # trim the batch to its longest text
@@ -1170,7 +1170,7 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     loss_fn.num_rows = len(ids_all)
 
     def validate():
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, cfg.bf16):
             loss, acc = ae(val_ids.to(device), val_mask.to(device))
         return dict(val_loss=float(loss), val_token_acc=float(acc))
 
@@ -1229,7 +1229,7 @@ def source_encoder(cfg: DiffConfig, ae, device, texts=None):
     if texts is not None:  # once: say whether --max_source_len cuts the sources; cache their states if they fit
         ids, mask = tokenize(tok, texts, cfg.max_source_len, warn="max_source_len")
         if (gb := ids.numel() * dim * 2 / 2**30) <= cfg.cache_sources:  # the source-side twin of the latent cache
-            cache, row = encode_all(states, ids, mask, device, torch.bfloat16, "cpu", True), {s: i for i, s in enumerate(texts)}
+            cache, row = encode_all(states, ids, mask, device, torch.bfloat16, "cpu", True, cfg.bf16), {s: i for i, s in enumerate(texts)}
         else:
             print(f"source states of {len(texts)} sources: {gb:.1f} GB > --cache_sources {cfg.cache_sources:g}: encoded every batch")
 
@@ -1243,14 +1243,14 @@ def source_encoder(cfg: DiffConfig, ae, device, texts=None):
     return encode, dim
 
 @torch.no_grad()
-def encode_all(fn, ids, mask, device, dtype=torch.float32, store=None, per_token=False, chunk=256):
+def encode_all(fn, ids, mask, device, dtype=torch.float32, store=None, per_token=False, bf16=True, chunk=256):
     """fn(ids, mask) of every row, once, kept on `store` (default: the device): the cache of a frozen
     network (deterministic: in eval mode, or a frozen LM's encoder), the latents x of an autoencoder
     (fn = ae.encode) or, per_token, the states E(w) of a frozen LM (fn = ae.lm_states)."""
     out = []
     for i in tqdm(range(0, len(ids), chunk), desc="caching", leave=False):
         L = int(mask[i:i + chunk].sum(1).max())  # each chunk trimmed to its longest text
-        with autocast(device):
+        with autocast(device, bf16):
             y = fn(ids[i:i + chunk, :L].to(device), mask[i:i + chunk, :L].to(device))
         out.append((F.pad(y, (0, 0, 0, ids.shape[1] - L)) if per_token else y).to(store or device, dtype))  # E(w): zero padding
     return torch.cat(out)
@@ -1307,10 +1307,10 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         mask_all = F.pad(mask_all, (0, ae_cfg.max_len - mask_all.shape[1]))
     else:
         trainable = model
-        latents = encode_all(ae.encode, ids_all, mask_all, device)  # (N, ℓ, d_ae), once
+        latents = encode_all(ae.encode, ids_all, mask_all, device, bf16=cfg.bf16)  # (N, ℓ, d_ae), once
         ae.requires_grad_(False)
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], ae_cfg.max_len)
-    val_x = None if cfg.joint else encode_all(ae.encode, val_ids, val_mask, device)  # joint: re-encoded at each validation
+    val_x = None if cfg.joint else encode_all(ae.encode, val_ids, val_mask, device, bf16=cfg.bf16)  # joint: re-encoded at each validation
 
     compiled = torch.compile(model) if cfg.compile and device.type == "cuda" else model  # checkpoints save the raw module
 
@@ -1331,7 +1331,7 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     def validate():
         """Validation loss of the EMA denoiser at fixed noise, plus a few decoded samples."""
         g = torch.Generator(device).manual_seed(cfg.seed + 1)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, cfg.bf16):
             x = ae.encode(val_ids.to(device), val_mask.to(device)).float() if cfg.joint else val_x
             cond = batch_condition(cfg, data["val"], range(len(x)), encode_source, device)
             val_loss = float(diffusion_loss(ema.module, x, dataclasses.replace(cfg, self_cond=False), cond, g)[0])
@@ -1397,7 +1397,7 @@ def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, 
     device = model.pos.device
     z = torch.randn((n, *model.null_self_cond.shape), device=device, generator=generator)  # z_1 ~ N(0, I)
     ts = torch.linspace(1, 0, steps + 1).tolist()
-    with autocast(device):
+    with autocast(device, cfg.bf16):
         return sample_loop(SAMPLERS[sampler], guided_model_fn(model, cfg, cond, guidance), z, ts, cfg, generator).float()
 
 def load_run(run_dir, device, compile=False, tuned=True, sources=None):

@@ -32,9 +32,10 @@ def test_two_gloo_processes_match_one(tmp_path):
     script.write_text(SCRIPT.format(root=ROOT))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script), two],
-                   env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, str(script), one], env=env, check=True, capture_output=True)
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), two],
+                [sys.executable, str(script), one]):  # --standalone: a free port, so parallel runs do not collide
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
     r0, r1, single = (torch.load(os.path.join(d, f)) for d, f in ((two, "rank0.pt"), (two, "rank1.pt"), (one, "rank0.pt")))
     for k in r0:
         assert torch.equal(r0[k], r1[k])  # DDP keeps the replicas identical
