@@ -1,4 +1,5 @@
 """§2, App. A: schedule identities, exact parameterisation conversions, samplers with an oracle."""
+import contextlib
 import math
 import os
 
@@ -98,6 +99,22 @@ def test_denoiser_zero_init_and_shapes():
     alpha = torch.rand(3)
     assert model(z, alpha).abs().max() == 0  # zero-initialised output projection
     assert model(z, alpha, x_self=torch.randn(3, 4, 8)).shape == (3, 4, 8)
+
+
+def test_bf16_autocast_where_fast_and_float32_attention_on_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert isinstance(ld4lg.autocast(cpu, bf16=False), contextlib.nullcontext)  # --no-bf16: float32 throughout
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    torch.manual_seed(0)
+    attn, x = ld4lg.Attention(32, heads=4), torch.randn(2, 5, 32)
+    ref = attn(x)
+    with ld4lg.autocast(cpu):  # bf16 on CPUs with AVX512-BF16, a no-op elsewhere
+        out = attn(x)
+    assert seen == [torch.float32, torch.float32]  # the attention itself stays float32 on the CPU
+    assert out.dtype == (torch.bfloat16 if ld4lg.fast_bf16(cpu) else torch.float32)
+    assert torch.allclose(out.float(), ref, atol=0.05)
+    assert torch.equal(out.float(), ref) != ld4lg.fast_bf16(cpu)  # bf16 rounds; without it the result is exact
 
 
 def test_tiny_denoiser_overfits_fixed_batch():
