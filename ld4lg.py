@@ -523,7 +523,7 @@ class Attention(nn.Module):
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
-        q, k, v = (t.float() if t.is_cpu else t for t in (q, k, v))  # CPU bf16 attention backward is ~15× slower than float32
+        q, k, v = (t.float() if t.is_cpu else t for t in (q, k, v))  # CPU bf16 attention is ~14× slower than float32 (README)
         q, k = self.q_norm(q), self.k_norm(k)
         mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L_kv) broadcasts over heads and queries
         with torch.autocast("cpu", enabled=False):  # keeps that float32 (CUDA's autocast is untouched)
@@ -1160,7 +1160,7 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="max_len")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
     frozen_cache = cfg.lm_mode == "freeze" and cfg.cache_lm  # E(w) once, in host memory: the speed-up the paper names as missing
-    states = encode_all(ae.lm_states, ids_all, mask_all, device, torch.bfloat16, "cpu", True, cfg.bf16) if frozen_cache else None
+    states = encode_all(ae.lm_states, ids_all, mask_all, device, torch.bfloat16, "cpu", per_token=True, bf16=cfg.bf16) if frozen_cache else None
 
     def loss_fn(step, idx, gen, net):
         L = int(mask_all[idx].sum(1).max())  # trim the batch to its longest text
@@ -1229,7 +1229,7 @@ def source_encoder(cfg: DiffConfig, ae, device, texts=None):
     if texts is not None:  # once: say whether --max_source_len cuts the sources; cache their states if they fit
         ids, mask = tokenize(tok, texts, cfg.max_source_len, warn="max_source_len")
         if (gb := ids.numel() * dim * 2 / 2**30) <= cfg.cache_sources:  # the source-side twin of the latent cache
-            cache, row = encode_all(states, ids, mask, device, torch.bfloat16, "cpu", True, cfg.bf16), {s: i for i, s in enumerate(texts)}
+            cache, row = encode_all(states, ids, mask, device, torch.bfloat16, "cpu", per_token=True, bf16=cfg.bf16), {s: i for i, s in enumerate(texts)}
         else:
             print(f"source states of {len(texts)} sources: {gb:.1f} GB > --cache_sources {cfg.cache_sources:g}: encoded every batch")
 
