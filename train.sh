@@ -38,6 +38,7 @@ case $preset in
   demo|demo-noselfcond)
     ae runs/demo/ae --preset demo
     # denoiser (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → decoder fine-tuning on noised latents (J4, two-stage; runs/demo/diffusion/decoder)
+    # → samples at the preset's temperature τ = 0.5 (README: the validity/diversity trade; --temperature 1 for the paper's DDPM)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
     $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel

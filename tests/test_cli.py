@@ -123,6 +123,19 @@ def test_sampling_is_reproducible_and_resumable(diff_run, tmp_path):
     assert ld4lg.main(["sample", diff_run, "--output", a, *common]) == 2  # exists: needs --overwrite
 
 
+def test_temperature_flag_reaches_the_ddpm_step(diff_run, tmp_path, monkeypatch):
+    """--temperature overrides the run's τ (its config's; the paper's 1 by default) in the DDPM update and is recorded per row."""
+    seen, ddpm = [], ld4lg.SAMPLERS["ddpm"]
+    monkeypatch.setitem(ld4lg.SAMPLERS, "ddpm", lambda *a: seen.append(a[5]["temperature"]) or ddpm(*a))
+    run_tau = ld4lg.load_config(ld4lg.DiffConfig, diff_run)[0].temperature
+    for tau, name in ((None, "default"), (1.0 if run_tau != 1.0 else 0.5, "flag")):
+        out = str(tmp_path / f"{name}.jsonl")
+        flags = [] if tau is None else ["--temperature", str(tau)]
+        assert ld4lg.main(["sample", diff_run, "--output", out, "--num_samples", "2", "--steps", "3", *flags]) == 0
+        assert {json.loads(l)["temperature"] for l in open(out)} == {tau or run_tau} and set(seen) == {tau or run_tau}
+        seen.clear()
+
+
 def test_sampling_controls(diff_run, ae_run, tmp_path, monkeypatch):
     """--random_latents decodes latents on C3's sphere without calling the denoiser; --ae_decoder reads
     with the autoencoder run's own decoder instead of the one fine-tuned after the denoiser."""

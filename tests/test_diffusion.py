@@ -55,6 +55,10 @@ def test_posterior_matches_direct_gaussian():
     out = torch.stack([ld4lg.ddpm_update(z_t, x, None, a_t, a_s, {}, g) for _ in range(4000)])
     assert torch.allclose(out.mean(0), mu, atol=0.05)
     assert torch.allclose(out.var(0), 1 - a_ts, atol=0.05)  # (D6) official variance 1 - α_{t|s}
+    # temperature τ scales the fresh noise: τ = 0 is the posterior mean itself, τ = 0.5 a quarter of the variance
+    assert torch.equal(ld4lg.ddpm_update(z_t, x, None, a_t, a_s, dict(temperature=0.0), g), mu)
+    out = torch.stack([ld4lg.ddpm_update(z_t, x, None, a_t, a_s, dict(temperature=0.5), g) for _ in range(4000)])
+    assert torch.allclose(out.mean(0), mu, atol=0.05) and torch.allclose(out.var(0), 0.25 * (1 - a_ts), atol=0.02)
 
 
 def oracle_fn(x, eps, s=1.0):
