@@ -1529,8 +1529,8 @@ def cmd_sample(args):
             f.write(json.dumps(row) + "\n")
             f.flush()  # a kill loses at most the row being written
     texts = [json.loads(l)["text"] for l in open(path)]
-    summary = dict(output=path, sampler=sampler, steps=steps, guidance=guidance, temperature=run[0].temperature, seed=args.seed, random_latents=args.random_latents,
-                   ae_decoder=args.ae_decoder, **timing_summary(clock))
+    summary = dict(output=path, sampler=sampler, steps=steps, guidance=guidance, temperature=run[0].temperature, seed=args.seed,
+                   random_latents=args.random_latents, ae_decoder=args.ae_decoder, **timing_summary(clock))
     if cfg.data == "demo":  # the demo grammar's exact checks (issue figures: valid, distinct, novel; seq2seq: slot check)
         m = text_metrics(texts, texts, data()["train"].texts, demo=True, sources=sources)
         summary.update({k: round(m[k], 4) for k in ("valid", "distinct", "novelty", "diversity", "memorization", "slot_acc") if k in m})
