@@ -1726,7 +1726,6 @@ def cmd_eval(args):
     steps = args.steps[0] if args.steps and len(args.steps) == 1 else cfg.sample_steps
     sampler = args.sampler or cfg.sampler
     guidance = cfg.guidance if args.guidance is None else args.guidance
-    tau = cfg.temperature if args.temperature is None else args.temperature
 
     held = [test.texts[i] for i in sorted(random.Random(0).sample(range(len(test.texts)), min(n, len(test.texts))))]
     sources, refs = None, held  # random rows in file order: the first n rows of a sorted set (E2E) hold few sources
@@ -1736,7 +1735,7 @@ def cmd_eval(args):
             groups.setdefault(src, []).append(ref)
         sources = list(groups)[:n]
         refs = [groups[src] for src in sources]
-    run = load_run(args.run_dir, device, args.compile, sources=sources, temperature=tau)
+    run = load_run(args.run_dir, device, args.compile, sources=sources, temperature=args.temperature)
 
     def run_once(seed, steps=steps, guidance=guidance):
         labels = [i % cfg.num_classes for i in range(n)] if cfg.class_cond else None
@@ -1758,7 +1757,8 @@ def cmd_eval(args):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         return m
 
-    report = dict(featurizer=args.featurizer if featurize else None, num_samples=n, sampler=sampler, steps=steps, guidance=guidance, temperature=tau)
+    report = dict(featurizer=args.featurizer if featurize else None, num_samples=n, sampler=sampler, steps=steps, guidance=guidance,
+                  temperature=run[0].temperature)
     per_seed = [run_once(s) for s in range(args.seeds)]
     g = random.Random(0)  # the paper's Reference row: held-out human texts (test) scored like samples, MAUVE vs train texts
     ref_row = text_metrics(held, g.sample(train_texts, min(n, len(train_texts))), train_texts, featurize, ppl, demo, seed=0)
