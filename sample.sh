@@ -3,7 +3,7 @@
 #
 #   bash sample.sh runs/demo/diffusion                       # 1000 samples, DDPM, 250 steps → RUN/samples.jsonl
 #   bash sample.sh runs/demo/diffusion --sampler dpmpp --steps 25     # few-step DPM-Solver++(2M)
-#   bash sample.sh runs/demo/diffusion --temperature 1 --output t1.jsonl  # DDPM at the paper's noise (τ = 1)
+#   bash sample.sh runs/demo/diffusion --temperature 0.5 --output t05.jsonl  # half the DDPM noise: more valid, less diverse
 #   bash sample.sh runs/demo-class/diffusion --class 2 --guidance 2   # one topic, classifier-free guidance
 #   bash sample.sh runs/demo-seq2seq/diffusion --candidates 5         # seq2seq test sources, MBR over 5
 #   bash sample.sh RUN --source-file sources.txt --output out.jsonl   # your own sources, one per line

@@ -12,7 +12,8 @@
 #   bash train.sh roc | ag_news | e2e | xsum | qqp   # the paper's recipes with facebook/bart-base (GPU, network)
 #
 # The joint and E2E runs keep the plain cosine schedule (--schedule_scale 1) with which their README figures
-# were measured; the demo's two-stage presets use s = 0.5. The joint runs also sample at the paper's τ = 1.
+# were measured; the demo's two-stage presets use s = 0.5. The demo's two-stage presets share one fine-tuned
+# decoder (runs/demo/decoder, J4): it depends on the autoencoder only, so the first of them trains it, the others reuse it.
 # Second argument: run directory (default runs/PRESET). Extra flags after it go to both training stages.
 # Featurizer for MAUVE: FEATURIZER=gpt2-large (the paper's) or the offline default below when installed.
 set -euo pipefail
@@ -37,10 +38,10 @@ ae() {  # train the autoencoder unless a finished one exists (the conditional de
 case $preset in
   demo|demo-noselfcond)
     ae runs/demo/ae --preset demo
-    # denoiser (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → decoder fine-tuning on noised latents (J4, two-stage; runs/demo/diffusion/decoder)
-    # → samples at the preset's temperature τ = 0.5 (README: the validity/diversity trade; --temperature 1 for the paper's DDPM)
+    # denoiser (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → decoder fine-tuning on noised latents (J4, two-stage;
+    # runs/demo/decoder, reused when it is there) → samples (DDPM, 250 steps, τ = 1)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
-    $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
+    $py ld4lg.py train --preset demo --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel
     # control: the fine-tuned decoder alone, reading random latents (no denoiser): the validity the denoiser must beat
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --random_latents --output "$runs/diffusion/control_random.jsonl" --overwrite
@@ -48,13 +49,13 @@ case $preset in
     ;;
   demo-class)
     ae runs/demo/ae --preset demo
-    $py ld4lg.py train --preset demo-class --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
+    $py ld4lg.py train --preset demo-class --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "$@"
     $py ld4lg.py eval "$runs/diffusion" --num_samples 400 --seeds 0 --guidance_sweep 0,1,2,3 \
         --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-seq2seq)
     ae runs/demo/ae --preset demo
-    $py ld4lg.py train --preset demo-seq2seq --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
+    $py ld4lg.py train --preset demo-seq2seq --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "$@"
     $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     ;;
   demo-joint)
@@ -62,7 +63,7 @@ case $preset in
     # Float32: joint training in bf16 lost 15 points of validity at equal steps (0.441 against 0.587, README).
     # The LM comes from the demo autoencoder run (the "pretrained LM"); compressor and reconstructor start
     # fresh. Budget: the two-stage demo's autoencoder + denoiser minutes on 2 cores (3.8 + 12.0). Samples at τ = 1:
-    # at the demo's τ = 0.5 the joint model's MAUVE fell from 0.88 to 0.56 (README).
+    # at τ = 0.5 the joint model's MAUVE fell from 0.88 to 0.56 (README).
     $py ld4lg.py train --preset demo --joint --ae runs/demo/ae --out "$runs/diffusion" --overwrite \
         --batch_size 64 --steps 3000 --time_budget 15.8 --schedule_scale 1 --no-bf16 --temperature 1 "$@"
     $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"

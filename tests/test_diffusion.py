@@ -166,3 +166,21 @@ def test_decoder_tuning_keeps_the_encoder_and_changes_the_decoder(ae_run, diff_r
     x_old, x_new = ld4lg.encode_all(before.encode, ids, mask, cpu), ld4lg.encode_all(after.encode, ids, mask, cpu)
     assert torch.equal(x_old, x_new)
     assert os.path.isfile(os.path.join(diff_run, "decoder", "eval_ae.json"))
+
+
+def test_a_finished_decoder_is_reused_and_a_mismatched_one_refused(ae_run, diff_run, tmp_path, capsys):
+    """The fine-tuning depends on the autoencoder, the texts and σ, not on the denoiser: a second denoiser given
+    --decoder of a finished one with the same settings reuses it (no training) and samples through it; other
+    settings are refused before the denoiser trains."""
+    decoder = os.path.join(diff_run, "decoder")
+    log = open(os.path.join(decoder, "metrics.jsonl")).read()
+    out = str(tmp_path / "second")
+    summary = ld4lg.train_diffusion(diff_cfg(ae=ae_run, decoder=decoder, steps=2), out)
+    assert summary["decoder"]["reused"] == decoder and "reusing the fine-tuned decoder" in capsys.readouterr().err
+    assert open(os.path.join(decoder, "metrics.jsonl")).read() == log and not os.path.isdir(os.path.join(out, "decoder"))
+    cpu = torch.device("cpu")
+    first, second = ld4lg.load_run(diff_run, cpu)[1].state_dict(), ld4lg.load_run(out, cpu)[1].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the same fine-tuned decoder
+    with pytest.raises(ld4lg.UserError, match="holds another run"):
+        ld4lg.train_diffusion(diff_cfg(ae=ae_run, decoder=decoder, tune_noise=1.0), str(tmp_path / "third"))
+    assert not os.path.exists(tmp_path / "third" / "ckpt")
