@@ -130,6 +130,7 @@ class DiffConfig(TrainConfig):
     # (J4 in a two-stage model) after the denoiser, fine-tune the decoder on noised latents of the frozen encoder.
     tune_decoder: int = opt(0, "steps of decoder fine-tuning on x + σε after the denoiser (two-stage; 0 = off)")
     tune_noise: float = opt(2.0, "σ of that fine-tuning: how much of the denoiser's error the decoder learns to forgive")
+    tune_lr: float = opt(1e-3, "peak learning rate of that fine-tuning (batch 64, 100 warm-up steps, linear decay)")
     decoder: str = opt("", "run directory of that decoder ('' = RUN_DIR/decoder); one finished there with the same settings is reused")
     # Defaults used by `sample` (each also a flag of `sample`).
     sampler: str = opt("ddpm", "ddpm | ddim | dpmpp: default sampler")
@@ -1359,10 +1360,11 @@ def tune_decoder(cfg: DiffConfig, run_dir, ae, ids_all, mask_all, latents, test:
     learned, stay as they were. It depends on the autoencoder, the texts and σ, not on the denoiser: a run of its
     own (run_dir, reconstruction in its eval_ae.json) that other denoisers of the same autoencoder reuse."""
     ae_cfg, path = ae.cfg, lambda name: os.path.join(run_dir, name)
-    tcfg = dataclasses.replace(cfg, steps=cfg.tune_decoder, batch_size=64, lr=1e-3, warmup=100, eval_every=500)
-    key = dict(ae=os.path.abspath(cfg.ae), seed=cfg.seed, tune_decoder=cfg.tune_decoder, tune_noise=cfg.tune_noise,
-               **{k: getattr(cfg, k) for k in sorted(DATA_FIELDS - {"label_column", "source_column"})})  # all it depends on
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and key != (json.load(open(path("config.json"))) if os.path.isfile(path("config.json")) else None):
+    tcfg = dataclasses.replace(cfg, steps=cfg.tune_decoder, batch_size=64, lr=cfg.tune_lr, warmup=100, eval_every=500)
+    fields = ["seed", "tune_decoder", "tune_noise", "tune_lr", *sorted(DATA_FIELDS - {"label_column", "source_column"})]
+    key = dict(ae=os.path.abspath(cfg.ae), **{k: getattr(cfg, k) for k in fields})  # all that the fine-tuning depends on
+    saved = json.load(open(path("config.json"))) if os.path.isfile(path("config.json")) else None
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and saved != key:
         raise UserError(f"--decoder {run_dir} holds another run (other autoencoder, data or settings); give a new directory")
     if os.path.isfile(path("eval_ae.json")):  # finished with these settings: reuse it (sampling reads it from there)
         print(f"reusing the fine-tuned decoder in {run_dir}", file=sys.stderr)
@@ -1715,8 +1717,7 @@ def cmd_eval(args):
         train = read_texts(args.train_file, "--train_file") if args.train_file else refs
         m = text_metrics(texts, refs[:len(texts)], train, featurize, ppl)
         print(markdown_table([(os.path.basename(args.samples), m)], args.featurizer))
-        out = os.path.splitext(args.samples)[0] + ".eval.json"
-        write_json(out, dict(metrics=m, featurizer=args.featurizer, references=args.references))
+        write_json(os.path.splitext(args.samples)[0] + ".eval.json", dict(metrics=m, featurizer=args.featurizer, references=args.references))
         return m
     cfg = load_config(DiffConfig, args.run_dir)[0]
     if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
