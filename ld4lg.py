@@ -127,8 +127,8 @@ class DiffConfig(TrainConfig):
     mse_weight: float = opt(1.0, "(J1) weight of L_mse")
     ce_weight: float = opt(1.0, "(J1) weight of L_ce")
     decoder_noise: float = opt(0.1, "(J4) std of noise on the latents fed to the decoder (joint only; 0 = off)")
-    # (J4 in a two-stage model) after the denoiser, fine-tune the decoder on noised latents of the frozen encoder.
-    tune_decoder: int = opt(0, "steps of decoder fine-tuning on x + σε after the denoiser (two-stage; 0 = off)")
+    # (J4 in a two-stage model) fine-tune the decoder on noised latents of the frozen encoder, before the denoiser trains.
+    tune_decoder: int = opt(0, "steps of decoder fine-tuning on x + σε (two-stage; 0 = off)")
     tune_noise: float = opt(2.0, "σ of that fine-tuning: how much of the denoiser's error the decoder learns to forgive")
     tune_lr: float = opt(1e-3, "peak learning rate of that fine-tuning (batch 64, 100 warm-up steps, linear decay)")
     decoder: str = opt("", "run directory of that decoder ('' = RUN_DIR/decoder); one finished there with the same settings is reused")
@@ -1368,6 +1368,7 @@ def tune_decoder(cfg: DiffConfig, run_dir, ae, ids_all, mask_all, latents, test:
         raise UserError(f"--decoder {run_dir} holds another run (other autoencoder, data or settings); give a new directory")
     if os.path.isfile(path("eval_ae.json")):  # finished with these settings: reuse it (sampling reads it from there)
         print(f"reusing the fine-tuned decoder in {run_dir}", file=sys.stderr)
+        load_weights(ae, os.path.join(checkpoint_dir(run_dir), "ae.safetensors"))  # as if just trained: validation reads it too
         return dict(json.load(open(path("eval_ae.json"))), reused=run_dir)
     resume = prepare_run_dir(run_dir, os.path.isdir(run_dir), overwrite=False)  # a killed fine-tuning continues
     write_json(path("config.json"), key)

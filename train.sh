@@ -38,8 +38,8 @@ ae() {  # train the autoencoder unless a finished one exists (the conditional de
 case $preset in
   demo|demo-noselfcond)
     ae runs/demo/ae --preset demo
-    # denoiser (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → decoder fine-tuning on noised latents (J4, two-stage;
-    # runs/demo/decoder, reused when it is there) → samples (DDPM, 250 steps, τ = 1)
+    # decoder fine-tuning on noised latents (J4, two-stage; runs/demo/decoder, reused when it is there) → denoiser
+    # (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → samples (DDPM, 250 steps, τ = 1)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
     $py ld4lg.py train --preset demo --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel
