@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train a preset end to end: autoencoder (§3.1) → denoiser (§3.2) → 1000 samples → evaluation (§4.1).
+# Train a preset end to end: autoencoder (§3.1) → denoiser (§3.2) → 1000 samples → evaluate.py (§4.1).
 #
 #   bash train.sh                   # offline demo: tiny BART on the built-in grammar corpus, CPU minutes
 #   bash train.sh demo-class        # class-conditional demo with classifier-free guidance (G1, G3)
@@ -11,7 +11,7 @@
 #   bash train.sh e2e-joint         # E2E unconditional, joint (LDLM) vs two-stage at equal wall-clock
 #   bash train.sh roc | ag_news | e2e | xsum | qqp   # the paper's recipes with facebook/bart-base (GPU, network)
 #
-# The joint and E2E runs keep the plain cosine schedule (--schedule_scale 1) with which their README figures
+# The joint and E2E runs keep the plain cosine schedule (--schedule_scale 1) with which their RESULTS.md figures
 # were measured; the demo's two-stage presets use s = 0.5. The demo's two-stage presets share one fine-tuned
 # decoder (runs/demo/decoder, J4): it depends on the autoencoder only, so the first of them trains it, the others reuse it.
 # Second argument: run directory (default runs/PRESET). Extra flags after it go to both training stages.
@@ -42,31 +42,30 @@ case $preset in
     # (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → samples (DDPM, 250 steps, τ = 1)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
     $py ld4lg.py train --preset demo --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
-    $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite   # prints valid / distinct / novel
-    # control: the fine-tuned decoder alone, reading random latents (no denoiser): the validity the denoiser must beat
-    $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --random_latents --output "$runs/diffusion/control_random.jsonl" --overwrite
-    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite
+    # the report: 3 seeds beside its controls (random latents through the same decoder; the autoencoder's own decoder)
+    $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-class)
     ae runs/demo/ae --preset demo
     $py ld4lg.py train --preset demo-class --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "$@"
-    $py ld4lg.py eval "$runs/diffusion" --num_samples 400 --seeds 0 --guidance_sweep 0,1,2,3 \
+    $py evaluate.py "$runs/diffusion" --num_samples 400 --seeds 0 --guidance_sweep 0,1,2,3 \
         --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-seq2seq)
     ae runs/demo/ae --preset demo
     $py ld4lg.py train --preset demo-seq2seq --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "$@"
-    $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
+    $py evaluate.py "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     ;;
   demo-joint)
     ae runs/demo/ae --preset demo
-    # Float32: joint training in bf16 lost 15 points of validity at equal steps (0.441 against 0.587, README).
+    # Float32: joint training lost validity in bf16 at equal steps.
     # The LM comes from the demo autoencoder run (the "pretrained LM"); compressor and reconstructor start
-    # fresh. Budget: the two-stage demo's autoencoder + denoiser minutes on 2 cores (3.8 + 12.0). Samples at τ = 1:
-    # at τ = 0.5 the joint model's MAUVE fell from 0.88 to 0.56 (README).
+    # fresh. Budget: about the two-stage demo's autoencoder + denoiser minutes on 2 cores. Samples at τ = 1:
+    # at τ = 0.5 the joint model lost most of its MAUVE.
     $py ld4lg.py train --preset demo --joint --ae runs/demo/ae --out "$runs/diffusion" --overwrite \
         --batch_size 64 --steps 3000 --time_budget 15.8 --schedule_scale 1 --no-bf16 --temperature 1 "$@"
-    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-joint-ablation)
     # LDLM's ablation at a fixed 1000 steps of batch 64 (J2 ramp over 500): naive joint training, the
@@ -80,20 +79,20 @@ case $preset in
       # shellcheck disable=SC2086  # the flags are meant to split into words
       $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/$v" --overwrite --batch_size 64 --steps 1000 \
           --warmup_joint 500 --eval_every 1000 --schedule_scale 1 --no-bf16 --temperature 1 ${flags[$v]} "$@"
-      $py ld4lg.py eval "$runs/$v" --num_samples 500 --seeds 1 --featurizer "$FEATURIZER" --ppl_model none
+      $py evaluate.py "$runs/$v" --num_samples 500 --seeds 1 --featurizer "$FEATURIZER" --ppl_model none
     done
     ;;
   e2e-seq2seq|e2e-joint)
     [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv, dev.csv, test.csv (columns mr, ref)" >&2; exit 2; }
     data=(--data "$E2E_DIR" --text_column ref --source_column mr)
     # The tiny BART of --lm tiny, trained with its autoencoder for 15 CPU minutes (the schedule fits that budget), in
-    # float32: in bf16 the post-LN tiny BART leaves its language-model plateau later (0.941 held-out token accuracy, not 0.965; README).
+    # float32: in bf16 the post-LN tiny BART leaves its language-model plateau later.
     ae runs/e2e-tiny/ae --preset demo "${data[@]}" --lm tiny --latent_noise 0 --max_len 64 --num_latents 32 --d_ae 32 --tiny_vocab 4096 \
        --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500 --no-bf16
     if [ "$preset" = e2e-seq2seq ]; then
       $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
           --max_len 64 --max_source_len 64 --batch_size 128 --steps 5000 --time_budget 20 --tune_decoder 0 --schedule_scale 1 "$@"
-      $py ld4lg.py eval "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
+      $py evaluate.py "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     else
       for mode in two-stage joint; do
         # two-stage: batch 128, as measured; joint: batch 64 and a 300-step γ ramp, so that the slower joint step
@@ -101,7 +100,7 @@ case $preset in
         j=(--batch_size 128); [ $mode = joint ] && j=(--joint --batch_size 64 --warmup_joint 300 --no-bf16)
         $py ld4lg.py train --preset demo --ae runs/e2e-tiny/ae --out "$runs/$mode" --overwrite --data "$E2E_DIR" \
             --text_column ref --max_len 64 --steps 100000 --time_budget 15 --tune_decoder 0 --schedule_scale 1 --temperature 1 "${j[@]}" "$@"
-        $py ld4lg.py eval "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+        $py evaluate.py "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
       done
     fi
     ;;
@@ -109,7 +108,7 @@ case $preset in
     # The paper's recipes (Tables 13-14): facebook/bart-base frozen, 50k autoencoder steps, 250k denoiser steps.
     $py ld4lg.py train-ae --preset "$preset" --lm facebook/bart-base --out "$runs/ae" --overwrite
     $py ld4lg.py train --preset "$preset" --ae "$runs/ae" --out "$runs/diffusion" --overwrite "$@"
-    $py ld4lg.py eval "$runs/diffusion" --num_samples 1000 --seeds 5 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 5 --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   *) echo "error: unknown preset '$preset' (see the comments at the top of train.sh)" >&2; exit 2 ;;
 esac

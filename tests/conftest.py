@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs and one small trained run reused by the CLI tests."""
+
 import os
 import sys
 
@@ -12,14 +13,47 @@ torch.set_num_threads(2)
 # huggingface_hub's logger gets its stderr handler on first use; made here, not inside a test's capsys (whose stream
 # closes with the test), so the order in which test files run does not matter.
 from huggingface_hub.utils import logging as hub_logging  # noqa: E402
+
 hub_logging.get_logger()
 
 # Smallest shapes that still exercise every code path.
-TINY_AE = dict(data="demo", lm="tiny", lm_mode="ft", tiny_dim=32, tiny_layers=1, tiny_vocab=300, max_len=32, num_latents=4,
-               d_ae=8, ae_dim=32, ae_heads=2, enc_layers=1, dec_layers=1, batch_size=16, steps=4, warmup=1,
-               num_eval=20, eval_every=2, log_every=1, max_train=300)
-TINY_DIFF = dict(dim=32, depth=2, heads=2, skips=1, batch_size=16, steps=4, warmup=1, eval_every=2, log_every=1,
-                 max_train=300, num_eval=20, ema_decay=0.9, tune_decoder=3)
+TINY_AE = dict(
+    data="demo",
+    lm="tiny",
+    lm_mode="ft",
+    tiny_dim=32,
+    tiny_layers=1,
+    tiny_vocab=300,
+    max_len=32,
+    num_latents=4,
+    d_ae=8,
+    ae_dim=32,
+    ae_heads=2,
+    enc_layers=1,
+    dec_layers=1,
+    batch_size=16,
+    steps=4,
+    warmup=1,
+    num_eval=20,
+    eval_every=2,
+    log_every=1,
+    max_train=300,
+)
+TINY_DIFF = dict(
+    dim=32,
+    depth=2,
+    heads=2,
+    skips=1,
+    batch_size=16,
+    steps=4,
+    warmup=1,
+    eval_every=2,
+    log_every=1,
+    max_train=300,
+    num_eval=20,
+    ema_decay=0.9,
+    tune_decoder=3,
+)
 
 
 def ae_cfg(**kw):

@@ -1,4 +1,5 @@
 """§3.1: the language autoencoder: shapes, masks, the norm constraint, overfitting, checkpoints, T5."""
+
 import json
 import os
 
@@ -21,7 +22,9 @@ def test_latent_shape_and_norm_constraint():
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:5], cfg.max_len)
     x = ae.encode(ids, mask)
     assert x.shape == (5, cfg.num_latents, cfg.d_ae)
-    assert torch.allclose(x.pow(2).sum(-1), torch.full((5, cfg.num_latents), float(cfg.d_ae)), rtol=1e-5)  # (C3)
+    assert torch.allclose(
+        x.pow(2).sum(-1), torch.full((5, cfg.num_latents), float(cfg.d_ae)), rtol=1e-5
+    )  # (C3)
     assert ae.reconstructor(x).shape == (5, cfg.num_latents, ae.lm.config.d_model)
 
 
@@ -39,19 +42,39 @@ def test_padding_does_not_change_latents():
 @pytest.mark.parametrize("lm", ["tiny", "tiny-t5"])
 def test_tiny_autoencoder_overfits_small_batch(lm):
     torch.manual_seed(0)
-    ae, cfg = tiny_ae(lm=lm, tiny_dim=64, ae_dim=64, num_latents=8, d_ae=16, norm_latents=lm == "tiny", latent_noise=0.0)
+    ae, cfg = tiny_ae(
+        lm=lm,
+        tiny_dim=64,
+        ae_dim=64,
+        num_latents=8,
+        d_ae=16,
+        norm_latents=lm == "tiny",
+        latent_noise=0.0,
+    )
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:8], cfg.max_len)
-    opt = torch.optim.AdamW(ae.parameters(), 3e-3)
+    # lr 1e-3: at 3e-3 the post-LN tiny BART can settle on a wrong first word and recite
+    # another text, depending on the CPU's float summation order. At 1e-3 both LMs reach the
+    # thresholds below by two thirds of the steps, with one or two threads.
+    opt = torch.optim.AdamW(ae.parameters(), 1e-3)
     for _ in range(300):
         loss, acc = ae(ids, mask)
-        opt.zero_grad(), loss.backward(), opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     ae.eval()
-    # 1.0 and 8 of 8 with one thread; with two threads (another float summation order, same seed) the tiny BART
-    # stalls at 0.988: three texts keep a wrong first word (These/Those, Many/Three), a plateau of the optimisation.
-    assert float(ae(ids, mask)[1]) >= 0.98
-    texts = ae.generate(ae.encode(ids, mask), num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, max_length=cfg.max_len + 2)
-    exact = [t == ae.tok.decode(i[m], skip_special_tokens=True).strip() for t, i, m in zip(texts, ids, mask)]
-    assert sum(exact) >= 4, exact  # an untrained autoencoder reproduces none
+    assert float(ae(ids, mask)[1]) >= 0.98  # an untrained autoencoder: about 1 / vocabulary
+    texts = ae.generate(
+        ae.encode(ids, mask),
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_length=cfg.max_len + 2,
+    )
+    exact = [
+        t == ae.tok.decode(i[m], skip_special_tokens=True).strip()
+        for t, i, m in zip(texts, ids, mask)
+    ]
+    assert sum(exact) >= 6, exact  # an untrained autoencoder reproduces none
 
 
 def test_checkpoint_round_trip(ae_run):
@@ -59,7 +82,9 @@ def test_checkpoint_round_trip(ae_run):
     ae2, _ = ld4lg.load_autoencoder(ae_run, torch.device("cpu"))
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:4], cfg.max_len)
     assert torch.equal(ae.encode(ids, mask), ae2.encode(ids, mask))
-    assert os.path.isfile(os.path.join(ae_run, "eval_ae.json")) and os.path.isfile(os.path.join(ae_run, "loss.png"))
+    assert os.path.isfile(os.path.join(ae_run, "eval_ae.json")) and os.path.isfile(
+        os.path.join(ae_run, "loss.png")
+    )
     assert cfg == ld4lg.load_config(ld4lg.AEConfig, ae_run)[0]
 
 
@@ -76,7 +101,15 @@ def test_cached_lm_states_train_like_the_frozen_encoder(tmp_path):
     encoder runs without dropout either way, and the cache differs only by its bf16 rounding."""
     ae, cfg = tiny_ae(lm_mode="freeze", latent_noise=0.0)
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:16], cfg.max_len)
-    states = ld4lg.encode_all(ae.train().lm_states, ids, mask, torch.device("cpu"), torch.bfloat16, per_token=True, chunk=5)
+    states = ld4lg.encode_all(
+        ae.train().lm_states,
+        ids,
+        mask,
+        torch.device("cpu"),
+        torch.bfloat16,
+        per_token=True,
+        chunk=5,
+    )
     assert not ae.lm.get_encoder().training and ae.lm.get_decoder().training
     assert torch.allclose(states.float(), ae.lm_states(ids, mask), rtol=1e-2, atol=1e-2)
     grads = []
@@ -86,13 +119,19 @@ def test_cached_lm_states_train_like_the_frozen_encoder(tmp_path):
         ae(ids[3:11], mask[3:11], None, h)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in ae.compressor.parameters()]))
     assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.999
-    path = str(tmp_path / "lm")  # a "pretrained" LM by path: the frozen-LM branch of train-ae, with and without the cache
+    path = str(
+        tmp_path / "lm"
+    )  # a "pretrained" LM by path: the frozen-LM branch of train-ae, with and without the cache
     ae.lm.save_pretrained(path), ae.tok.save_pretrained(path)
     losses = {}
     for cache in (True, False):
         out = str(tmp_path / f"ae-{cache}")
-        ld4lg.train_ae(ae_cfg(lm=path, lm_mode="freeze", cache_lm=cache, steps=3, latent_noise=0.0), out)
-        losses[cache] = [json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+        ld4lg.train_ae(
+            ae_cfg(lm=path, lm_mode="freeze", cache_lm=cache, steps=3, latent_noise=0.0), out
+        )
+        losses[cache] = [
+            json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l
+        ]
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=2e-3)
 
 
@@ -107,5 +146,7 @@ def test_latent_noise_only_in_training():
         clean = float(ae(ids, mask, torch.Generator().manual_seed(1))[0])
         ae.cfg.latent_noise = 0.0
         plain = float(ae(ids, mask)[0])
-    assert noisy[0] == noisy[1] and noisy[0] != noisy[2]  # the generator drives the noise: exact resume keeps it
+    assert (
+        noisy[0] == noisy[1] and noisy[0] != noisy[2]
+    )  # the generator drives the noise: exact resume keeps it
     assert clean == plain  # eval ignores the noise scale

@@ -1,9 +1,11 @@
 """§2 of the file: the demo grammar, its exact checks, and the data loader."""
+
 import json
 import random
 
 import pytest
 
+import evaluate
 import ld4lg
 from conftest import ae_cfg
 
@@ -12,8 +14,8 @@ ROWS = ld4lg.demo_corpus(3000, seed=0)
 
 def test_demo_sentences_valid_and_labelled():
     topics = list(ld4lg.DEMO_TOPICS)
-    assert all(ld4lg.demo_topic(t) == topics[l] for t, _, l in ROWS)
-    assert all(ld4lg.demo_slots_ok(t, s) for t, s, _ in ROWS)
+    assert all(evaluate.demo_topic(t) == topics[l] for t, _, l in ROWS)
+    assert all(evaluate.demo_slots_ok(t, s) for t, s, _ in ROWS)
 
 
 def test_demo_corpus_is_not_trivial():
@@ -25,16 +27,18 @@ def test_demo_corpus_is_not_trivial():
 
 
 def test_agreement_rules_are_checked():
-    assert ld4lg.demo_is_valid("The coach trains the team.") is False  # 'team' is no sports object
-    assert ld4lg.demo_is_valid("The coach trains the players.") is False
-    assert ld4lg.demo_is_valid("The coach trains the athletes.") is False
-    assert ld4lg.demo_is_valid("The coach kicks a ball.")
-    assert not ld4lg.demo_is_valid("The coach kick a ball.")  # subject-verb agreement
-    assert not ld4lg.demo_is_valid("The coaches kicks a ball.")
-    assert not ld4lg.demo_is_valid("The coach kicks an ball.")  # a/an
-    assert ld4lg.demo_is_valid("The coach kicks an old ball.")
-    assert not ld4lg.demo_is_valid("These coach kicks a ball.")  # determiner number
-    assert not ld4lg.demo_is_valid("the coach kicks a ball.")  # capital letter
+    assert (
+        evaluate.demo_is_valid("The coach trains the team.") is False
+    )  # 'team' is no sports object
+    assert evaluate.demo_is_valid("The coach trains the players.") is False
+    assert evaluate.demo_is_valid("The coach trains the athletes.") is False
+    assert evaluate.demo_is_valid("The coach kicks a ball.")
+    assert not evaluate.demo_is_valid("The coach kick a ball.")  # subject-verb agreement
+    assert not evaluate.demo_is_valid("The coaches kicks a ball.")
+    assert not evaluate.demo_is_valid("The coach kicks an ball.")  # a/an
+    assert evaluate.demo_is_valid("The coach kicks an old ball.")
+    assert not evaluate.demo_is_valid("These coach kicks a ball.")  # determiner number
+    assert not evaluate.demo_is_valid("the coach kicks a ball.")  # capital letter
 
 
 def test_shuffled_sentences_are_invalid():
@@ -47,7 +51,7 @@ def test_shuffled_sentences_are_invalid():
         s = s[0].upper() + s[1:]
         if s != t:
             shuffled.append(s)
-    assert sum(map(ld4lg.demo_is_valid, shuffled)) <= 0.01 * len(shuffled)
+    assert sum(map(evaluate.demo_is_valid, shuffled)) <= 0.01 * len(shuffled)
 
 
 def test_demo_splits_deterministic_and_disjoint():
@@ -65,7 +69,12 @@ def test_local_file_formats(tmp_path, fmt):
     if fmt == "txt":
         path.write_text("\n".join(texts) + "\n\n")
     elif fmt == "jsonl":
-        path.write_text("".join(json.dumps({"text": t, "label": i % 3, "source": "s" + t}) + "\n" for i, t in enumerate(texts)))
+        path.write_text(
+            "".join(
+                json.dumps({"text": t, "label": i % 3, "source": "s" + t}) + "\n"
+                for i, t in enumerate(texts)
+            )
+        )
     elif fmt == "csv":
         path.write_text("text,label\n" + "".join(f"{t},{i % 3}\n" for i, t in enumerate(texts)))
     else:

@@ -1,4 +1,5 @@
 """§2, App. A: schedule identities, exact parameterisation conversions, samplers with an oracle."""
+
 import contextlib
 import math
 import os
@@ -24,13 +25,18 @@ def test_scaled_schedule():
     # (D5) log-SNR is shifted by exactly 2 log s
     t = t.double()
     a, a2 = ld4lg.alpha_cosine(t), ld4lg.alpha_cosine(t, 2.0)
-    assert torch.allclose(torch.logit(a2) - torch.logit(a), torch.full_like(a, 2 * math.log(2.0)), atol=1e-4)
+    assert torch.allclose(
+        torch.logit(a2) - torch.logit(a), torch.full_like(a, 2 * math.log(2.0)), atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("objective", ["v", "eps", "x0"])
 def test_parameterisations_invert(objective):
     g = torch.Generator().manual_seed(0)
-    x, eps = torch.randn(8, 4, 6, generator=g, dtype=torch.float64), torch.randn(8, 4, 6, generator=g, dtype=torch.float64)
+    x, eps = (
+        torch.randn(8, 4, 6, generator=g, dtype=torch.float64),
+        torch.randn(8, 4, 6, generator=g, dtype=torch.float64),
+    )
     alpha = torch.rand(8, 1, 1, generator=g, dtype=torch.float64) * 0.98 + 0.01
     z = alpha.sqrt() * x + (1 - alpha).sqrt() * eps
     pred = ld4lg.x0_eps_to_pred(x, eps, alpha, objective)
@@ -48,7 +54,7 @@ def test_posterior_matches_direct_gaussian():
     # direct: cov(z_s, z_t) = √α_{t|s} (1-α_s), var(z_t) = 1-α_t, means √α_s x, √α_t x
     cov = a_ts.sqrt() * (1 - a_s)
     mu_direct = a_s.sqrt() * x + cov / (1 - a_t) * (z_t - a_t.sqrt() * x)
-    var_direct = (1 - a_s) - cov ** 2 / (1 - a_t)
+    var_direct = (1 - a_s) - cov**2 / (1 - a_t)
     assert torch.allclose(mu, mu_direct) and torch.allclose(var, var_direct)
     # and the DDPM update uses μ_Q as its mean: with zero noise variance replaced, check the mean
     g = torch.Generator().manual_seed(0)
@@ -57,15 +63,21 @@ def test_posterior_matches_direct_gaussian():
     assert torch.allclose(out.var(0), 1 - a_ts, atol=0.05)  # (D6) official variance 1 - α_{t|s}
     # temperature τ scales the fresh noise: τ = 0 is the posterior mean itself, τ = 0.5 a quarter of the variance
     assert torch.equal(ld4lg.ddpm_update(z_t, x, None, a_t, a_s, dict(temperature=0.0), g), mu)
-    out = torch.stack([ld4lg.ddpm_update(z_t, x, None, a_t, a_s, dict(temperature=0.5), g) for _ in range(4000)])
-    assert torch.allclose(out.mean(0), mu, atol=0.05) and torch.allclose(out.var(0), 0.25 * (1 - a_ts), atol=0.02)
+    out = torch.stack(
+        [ld4lg.ddpm_update(z_t, x, None, a_t, a_s, dict(temperature=0.5), g) for _ in range(4000)]
+    )
+    assert torch.allclose(out.mean(0), mu, atol=0.05) and torch.allclose(
+        out.var(0), 0.25 * (1 - a_ts), atol=0.02
+    )
 
 
 def oracle_fn(x, eps, s=1.0):
     """A model function that knows the data x (and the noise of a fixed trajectory) under schedule scale s."""
+
     def fn(z, t, x_self):
         a = ld4lg.alpha_cosine(torch.tensor(t, dtype=z.dtype), s)
         return x, (z - a.sqrt() * x) / (1 - a).sqrt()
+
     return fn
 
 
@@ -74,14 +86,27 @@ def test_oracle_sampler_ends_at_x(sampler):
     g = torch.Generator().manual_seed(0)
     x, z = torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
     cfg = diff_cfg()
-    out = ld4lg.sample_loop(ld4lg.SAMPLERS[sampler], oracle_fn(x, None, cfg.schedule_scale), z, torch.linspace(1, 0, 51).tolist(), cfg, g)
+    out = ld4lg.sample_loop(
+        ld4lg.SAMPLERS[sampler],
+        oracle_fn(x, None, cfg.schedule_scale),
+        z,
+        torch.linspace(1, 0, 51).tolist(),
+        cfg,
+        g,
+    )
     assert torch.allclose(out, x)
 
 
 def test_ddim_oracle_exact_every_step():
     g = torch.Generator().manual_seed(0)
-    x, eps = torch.randn(2, 4, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
-    ts, cfg = torch.linspace(1, 0, 21).tolist(), diff_cfg(self_cond=False)  # the sampler reads s from cfg (D5)
+    x, eps = (
+        torch.randn(2, 4, 8, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 8, generator=g, dtype=torch.float64),
+    )
+    ts, cfg = (
+        torch.linspace(1, 0, 21).tolist(),
+        diff_cfg(self_cond=False),
+    )  # the sampler reads s from cfg (D5)
     a0 = ld4lg.alpha_cosine(torch.tensor(ts[0], dtype=torch.float64), cfg.schedule_scale)
     z = a0.sqrt() * x + (1 - a0).sqrt() * eps
     seen = []  # z_s after each update, recorded by wrapping the update rule
@@ -89,6 +114,7 @@ def test_ddim_oracle_exact_every_step():
     def ddim_recorded(*args):
         seen.append(ld4lg.ddim_update(*args))
         return seen[-1]
+
     ld4lg.sample_loop(ddim_recorded, oracle_fn(x, eps, cfg.schedule_scale), z, ts, cfg, g)
     assert len(seen) == len(ts) - 2  # the last step returns x̂ instead of updating
     for i, z_s in enumerate(seen):
@@ -107,9 +133,15 @@ def test_denoiser_zero_init_and_shapes():
 
 def test_bf16_autocast_where_fast_and_float32_attention_on_cpu(monkeypatch):
     cpu = torch.device("cpu")
-    assert isinstance(ld4lg.autocast(cpu, bf16=False), contextlib.nullcontext)  # --no-bf16: float32 throughout
+    assert isinstance(
+        ld4lg.autocast(cpu, bf16=False), contextlib.nullcontext
+    )  # --no-bf16: float32 throughout
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k),
+    )
     torch.manual_seed(0)
     attn, x = ld4lg.Attention(32, heads=4), torch.randn(2, 5, 32)
     ref = attn(x)
@@ -118,7 +150,9 @@ def test_bf16_autocast_where_fast_and_float32_attention_on_cpu(monkeypatch):
     assert seen == [torch.float32, torch.float32]  # the attention itself stays float32 on the CPU
     assert out.dtype == (torch.bfloat16 if ld4lg.fast_bf16(cpu) else torch.float32)
     assert torch.allclose(out.float(), ref, atol=0.05)
-    assert torch.equal(out.float(), ref) != ld4lg.fast_bf16(cpu)  # bf16 rounds; without it the result is exact
+    assert torch.equal(out.float(), ref) != ld4lg.fast_bf16(
+        cpu
+    )  # bf16 rounds; without it the result is exact
 
 
 def test_tiny_denoiser_overfits_fixed_batch():
@@ -128,7 +162,7 @@ def test_tiny_denoiser_overfits_fixed_batch():
     x = torch.randn(8, 4, 8)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     alpha = torch.full((8,), 0.5)
-    z = alpha.sqrt()[:, None, None] * x + 0.5 ** 0.5 * torch.randn(8, 4, 8)
+    z = alpha.sqrt()[:, None, None] * x + 0.5**0.5 * torch.randn(8, 4, 8)
     for _ in range(300):
         loss = ((model(z, alpha) - x) ** 2).mean()
         opt.zero_grad(), loss.backward(), opt.step()
@@ -141,7 +175,7 @@ def test_adaptive_time_converges_to_slope_density():
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
         t = torch.rand(512, generator=g)
-        at.update(t, t ** 2)
+        at.update(t, t**2)
     centers = (torch.arange(32) + 0.5) / 32
     target = centers / centers.sum()
     assert torch.allclose(at.density()[1:-1], target[1:-1], atol=0.004)
@@ -154,21 +188,32 @@ def test_decoder_tuning_keeps_the_encoder_and_changes_the_decoder(ae_run, diff_r
     learned are unchanged, and sampling reads the fine-tuned decoder."""
     cpu = torch.device("cpu")
     before, _ = ld4lg.load_autoencoder(ae_run, cpu)
-    after = ld4lg.load_run(diff_run, cpu)[1]
+    after = ld4lg.load_run(diff_run, cpu).ae
     old, new = before.state_dict(), after.state_dict()
-    encoder = [k for k in old if k.startswith(("compressor.", "lm.encoder.", "lm.shared.", "lm.model.shared.", "lm.model.encoder."))]
+    encoder = [
+        k
+        for k in old
+        if k.startswith(
+            ("compressor.", "lm.encoder.", "lm.shared.", "lm.model.shared.", "lm.model.encoder.")
+        )
+    ]
     assert encoder and all(torch.equal(old[k], new[k]) for k in encoder)
     assert not torch.equal(old["reconstructor.in_proj.weight"], new["reconstructor.in_proj.weight"])
     decoder = [k for k in old if ".decoder.layers." in k or ".decoder.block." in k]
     assert decoder and any(not torch.equal(old[k], new[k]) for k in decoder)
     texts = ld4lg.demo_corpus(8, seed=3)
     ids, mask = ld4lg.tokenize(before.tok, [t for t, _, _ in texts], 32)
-    x_old, x_new = ld4lg.encode_all(before.encode, ids, mask, cpu), ld4lg.encode_all(after.encode, ids, mask, cpu)
+    x_old, x_new = (
+        ld4lg.encode_all(before.encode, ids, mask, cpu),
+        ld4lg.encode_all(after.encode, ids, mask, cpu),
+    )
     assert torch.equal(x_old, x_new)
     assert os.path.isfile(os.path.join(diff_run, "decoder", "eval_ae.json"))
 
 
-def test_a_finished_decoder_is_reused_and_a_mismatched_one_refused(ae_run, diff_run, tmp_path, capsys):
+def test_a_finished_decoder_is_reused_and_a_mismatched_one_refused(
+    ae_run, diff_run, tmp_path, capsys
+):
     """The fine-tuning depends on the autoencoder, the texts and σ, not on the denoiser: a second denoiser given
     --decoder of a finished one with the same settings reuses it (no training) and samples through it; other
     settings are refused before the denoiser trains."""
@@ -176,11 +221,21 @@ def test_a_finished_decoder_is_reused_and_a_mismatched_one_refused(ae_run, diff_
     log = open(os.path.join(decoder, "metrics.jsonl")).read()
     out = str(tmp_path / "second")
     summary = ld4lg.train_diffusion(diff_cfg(ae=ae_run, decoder=decoder, steps=2), out)
-    assert summary["decoder"]["reused"] == decoder and "reusing the fine-tuned decoder" in capsys.readouterr().err
-    assert open(os.path.join(decoder, "metrics.jsonl")).read() == log and not os.path.isdir(os.path.join(out, "decoder"))
+    assert (
+        summary["decoder"]["reused"] == decoder
+        and "reusing the fine-tuned decoder" in capsys.readouterr().err
+    )
+    assert open(os.path.join(decoder, "metrics.jsonl")).read() == log and not os.path.isdir(
+        os.path.join(out, "decoder")
+    )
     cpu = torch.device("cpu")
-    first, second = ld4lg.load_run(diff_run, cpu)[1].state_dict(), ld4lg.load_run(out, cpu)[1].state_dict()
+    first, second = (
+        ld4lg.load_run(diff_run, cpu).ae.state_dict(),
+        ld4lg.load_run(out, cpu).ae.state_dict(),
+    )
     assert all(torch.equal(first[k], second[k]) for k in first)  # the same fine-tuned decoder
     with pytest.raises(ld4lg.UserError, match="holds another run"):
-        ld4lg.train_diffusion(diff_cfg(ae=ae_run, decoder=decoder, tune_noise=1.0), str(tmp_path / "third"))
+        ld4lg.train_diffusion(
+            diff_cfg(ae=ae_run, decoder=decoder, tune_noise=1.0), str(tmp_path / "third")
+        )
     assert not os.path.exists(tmp_path / "third" / "ckpt")

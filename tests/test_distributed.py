@@ -1,4 +1,5 @@
 """torchrun with 2 CPU processes (gloo): ranks stay identical and match one process at the same global batch."""
+
 import os
 import subprocess
 import sys
@@ -32,12 +33,27 @@ def test_two_gloo_processes_match_one(tmp_path):
     script.write_text(SCRIPT.format(root=ROOT))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), two],
-                [sys.executable, str(script), one]):  # --standalone: a free port, so parallel runs do not collide
+    for cmd in (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            two,
+        ],
+        [sys.executable, str(script), one],
+    ):  # --standalone: a free port, so parallel runs do not collide
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
-    r0, r1, single = (torch.load(os.path.join(d, f)) for d, f in ((two, "rank0.pt"), (two, "rank1.pt"), (one, "rank0.pt")))
+    r0, r1, single = (
+        torch.load(os.path.join(d, f))
+        for d, f in ((two, "rank0.pt"), (two, "rank1.pt"), (one, "rank0.pt"))
+    )
     for k in r0:
         assert torch.equal(r0[k], r1[k])  # DDP keeps the replicas identical
         assert torch.allclose(r0[k], single[k], atol=1e-5)  # same global batch, same result
-    assert os.path.isdir(os.path.join(two, "ckpt")) and not os.path.exists(os.path.join(two, "ckpt.tmp"))
+    assert os.path.isdir(os.path.join(two, "ckpt")) and not os.path.exists(
+        os.path.join(two, "ckpt.tmp")
+    )

@@ -1,5 +1,6 @@
 """Robustness: SIGKILL at random moments (checkpoint writes included) and --resume give exactly the
 weights of an uninterrupted run; NaN stops cleanly; SIGTERM saves a checkpoint."""
+
 import os
 import random
 import signal
@@ -10,13 +11,14 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import ld4lg
-from conftest import TINY_AE, TINY_DIFF
 from test_cli import AE_FLAGS, DIFF_FLAGS
 
+import ld4lg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread: bitwise-reproducible CPU math
+ENV = dict(
+    os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+)  # one thread: bitwise-reproducible CPU math
 
 
 def cli(*argv):
@@ -35,7 +37,12 @@ def weights(out):
     """Every checkpoint's tensors: the run's, and the decoder fine-tuning's (out/decoder) where there is one."""
     runs = [out] + [os.path.join(out, "decoder")] * os.path.isdir(os.path.join(out, "decoder"))
     cks = {os.path.relpath(r, out): ld4lg.checkpoint_dir(r) for r in runs}
-    return {(name, f): load_file(os.path.join(ck, f)) for name, ck in cks.items() for f in sorted(os.listdir(ck)) if f.endswith(".safetensors")}
+    return {
+        (name, f): load_file(os.path.join(ck, f))
+        for name, ck in cks.items()
+        for f in sorted(os.listdir(ck))
+        if f.endswith(".safetensors")
+    }
 
 
 @pytest.mark.parametrize("stage", ["train-ae", "train", "joint"])
@@ -46,18 +53,28 @@ def test_kill_and_resume_is_exact(stage, ae_run, tmp_path):
     metrics = os.path.join(out, "metrics.jsonl")
     lines = lambda: sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0
     argv, kills = stage_args(stage, ae_run, out), 0
-    proc = subprocess.Popen(cli(*argv), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(*argv), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     while kills < 3:
         start = lines()
         while proc.poll() is None and lines() <= start:  # let this process make progress first
             time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.4))  # then kill at a random moment: mid-step or mid-checkpoint-write
+        time.sleep(
+            rng.uniform(0, 0.4)
+        )  # then kill at a random moment: mid-step or mid-checkpoint-write
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        proc = subprocess.Popen(cli(*argv, "--resume"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cli(*argv, "--resume"),
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     proc.wait(timeout=300)
     assert proc.returncode == 0, proc.stderr.read()[-2000:]
     assert kills >= 1
@@ -73,13 +90,17 @@ def test_sigterm_saves_checkpoint(ae_run, tmp_path):
     argv = stage_args("train", ae_run, out)
     argv[argv.index("12")] = "100000"  # long enough to be stopped
     argv[argv.index("--eval_every") + 1] = "100000"
-    proc = subprocess.Popen(cli(*argv), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(*argv), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     while not os.path.isfile(os.path.join(out, "metrics.jsonl")):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "checkpoint saved" in err
-    step = torch.load(os.path.join(ld4lg.checkpoint_dir(out), "state.pt"), weights_only=False)["step"]
+    step = torch.load(os.path.join(ld4lg.checkpoint_dir(out), "state.pt"), weights_only=False)[
+        "step"
+    ]
     assert step > 0
 
 
@@ -88,13 +109,18 @@ def test_nan_loss_stops_without_poisoned_checkpoint(ae_run, tmp_path, monkeypatc
     real = ld4lg.diffusion_loss
     calls = {"n": 0}
 
-    def poisoned(*a, **k):  # a NaN appears at the 5th training step (validation calls run without grad)
+    def poisoned(
+        *a, **k
+    ):  # a NaN appears at the 5th training step (validation calls run without grad)
         calls["n"] += torch.is_grad_enabled()
         loss, t, per = real(*a, **k)
         return (loss * float("nan"), t, per) if calls["n"] >= 5 else (loss, t, per)
+
     monkeypatch.setattr(ld4lg, "diffusion_loss", poisoned)
     rc = ld4lg.main(stage_args("train", ae_run, out))
     assert rc == 2 and "non-finite loss" in capsys.readouterr().err
     ck = ld4lg.checkpoint_dir(out)
-    assert torch.load(os.path.join(ck, "state.pt"), weights_only=False)["step"] == 4  # the last good one
+    assert (
+        torch.load(os.path.join(ck, "state.pt"), weights_only=False)["step"] == 4
+    )  # the last good one
     assert all(torch.isfinite(v).all() for f in weights(out).values() for v in f.values())

