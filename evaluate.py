@@ -16,6 +16,7 @@ read by the same decoder, and, where the run fine-tuned a decoder, the autoencod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -317,51 +318,37 @@ def cmd_eval(args):
     cfg = ld4lg.load_config(ld4lg.DiffConfig, args.run_dir)[0]
     if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
         raise UserError("--guidance_sweep needs a class-conditional or seq2seq model")
-    data = ld4lg.load_data(cfg)
-    train_texts, test, n, demo = (
-        data["train"].texts,
-        data["test"],
-        args.num_samples,
-        cfg.data == "demo",
-    )
-    steps = args.steps[0] if args.steps and len(args.steps) == 1 else cfg.sample_steps
-    sampler = args.sampler or cfg.sampler
-    guidance = cfg.guidance if args.guidance is None else args.guidance
+    data, n, demo = ld4lg.load_data(cfg), args.num_samples, cfg.data == "demo"
+    train_texts, test = data["train"].texts, data["test"]
     # random rows in file order: the first n rows of a sorted file (E2E) hold few sources
     pick = sorted(random.Random(0).sample(range(len(test.texts)), min(n, len(test.texts))))
-    held, sources, refs = [test.texts[i] for i in pick], None, None
-    refs = held
+    held = refs = [test.texts[i] for i in pick]
+    sources, labels = None, None
     if cfg.seq2seq:  # one sample per distinct source, scored against all of its references
         groups = {}
         for src, ref in zip(test.sources, test.texts):
             groups.setdefault(src, []).append(ref)
         sources = list(groups)[:n]
         refs = [groups[s] for s in sources]
-    decode = dict(
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram,
-    )
-    run = ld4lg.load_run(
-        args.run_dir, device, args.compile, True, sources, args.temperature, decode
-    )
-    labels = [i % cfg.num_classes for i in range(n)] if cfg.class_cond else None
+    if cfg.class_cond:
+        labels = [i % cfg.num_classes for i in range(n)]
+    settings = ld4lg.sample_settings(args)
+    if args.steps and len(args.steps) == 1:
+        settings["sample_steps"] = args.steps[0]
+    run = ld4lg.load_run(args.run_dir, device, args.compile, True, sources, **settings)
+    candidates = args.candidates if cfg.seq2seq else 1
 
-    def run_once(seed, steps=steps, guidance=guidance, run=run, control=""):
-        candidates = args.candidates if cfg.seq2seq else 1
+    def run_once(seed, run=run, control="", **overrides):
+        run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, **overrides))
         rows, clock = ld4lg.sample_rows(
             run,
             n,
-            steps,
-            sampler,
-            guidance,
-            args.batch_size,
             seed,
             labels,
             sources,
-            refs if cfg.seq2seq else None,
+            sources and refs,
             candidates,
-            random_latents=control == "random",
+            random_latents=control == "_random",
         )
         rows = list(rows)
         single = [r.get("single", r["text"]) for r in rows]
@@ -379,40 +366,35 @@ def cmd_eval(args):
                     ok = [demo_slots_ok(t, s) for t, s in zip(mbr, sources)]
                     m["mbr_slot_acc"] = float(np.mean(ok))
         m.update(ld4lg.timing_summary(clock))
-        name = f"samples_seed{seed}_steps{steps}_w{guidance}_t{run.cfg.temperature:g}{control}"
-        with open(os.path.join(args.run_dir, name + ".jsonl"), "w") as f:
+        c = run.cfg
+        name = f"samples_seed{seed}_steps{c.sample_steps}_w{c.guidance}_t{c.temperature:g}"
+        with open(os.path.join(args.run_dir, name + control + ".jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         return m
 
-    report = dict(
-        featurizer=args.featurizer if featurize else None,
-        num_samples=n,
-        sampler=sampler,
-        steps=steps,
-        guidance=guidance,
-        temperature=run.cfg.temperature,
-    )
-    per_seed = [run_once(s) for s in range(args.seeds)]
+    c = run.cfg
+    report = dict(featurizer=args.featurizer if featurize else None, num_samples=n)
+    report.update(sampler=c.sampler, steps=c.sample_steps, guidance=c.guidance)
+    report["temperature"] = c.temperature
+    report["per_seed"] = per_seed = [run_once(s) for s in range(args.seeds)]
     # the paper's Reference row: held-out human texts scored as samples, MAUVE vs train texts
     others = random.Random(0).sample(train_texts, min(n, len(train_texts)))
     report["reference"] = text_metrics(held, others, train_texts, featurize, ppl, demo)
-    report["per_seed"] = per_seed
     named = [("Reference (test vs train texts)", report["reference"])]
     if per_seed:  # --seeds 0 runs only the sweeps
         report["model"] = mean_std(per_seed)
-        named.append((f"LD4LG ({sampler}, {steps} steps, {args.seeds} seeds)", report["model"]))
+        name = f"LD4LG ({c.sampler}, {c.sample_steps} steps, {args.seeds} seeds)"
+        named.append((name, report["model"]))
     if args.controls and per_seed:  # what the decoder alone, or the AE's own decoder, gives
-        report["control_random_latents"] = run_once(0, control="random")
+        report["control_random_latents"] = run_once(0, control="_random")
         named.append(("control: random latents, same decoder", report["control_random_latents"]))
         if cfg.tune_decoder and not cfg.joint:
-            own = ld4lg.load_run(
-                args.run_dir, device, args.compile, False, sources, args.temperature, decode
-            )
+            own = ld4lg.load_run(args.run_dir, device, args.compile, False, sources, **settings)
             report["control_ae_decoder"] = run_once(0, run=own, control="_aedecoder")
             named.append(("LD4LG read by the AE's own decoder", report["control_ae_decoder"]))
     if args.steps and len(args.steps) > 1:  # Table 11: quality vs sampling steps, wall-clock
-        report["steps_sweep"] = {s: run_once(0, steps=s) for s in args.steps}
-        named += [(f"{sampler} {s} steps (seed 0)", m) for s, m in report["steps_sweep"].items()]
+        report["steps_sweep"] = {s: run_once(0, sample_steps=s) for s in args.steps}
+        named += [(f"{c.sampler} {s} steps (seed 0)", m) for s, m in report["steps_sweep"].items()]
         plot_sweep(report["steps_sweep"], "steps", os.path.join(args.run_dir, "steps_sweep.png"))
     if args.guidance_sweep:  # topic accuracy or slot check, and validity, vs guidance weight
         report["guidance_sweep"] = {w: run_once(0, guidance=w) for w in args.guidance_sweep}
@@ -420,9 +402,8 @@ def cmd_eval(args):
         path = os.path.join(args.run_dir, "guidance_sweep.png")
         plot_sweep(report["guidance_sweep"], "guidance w", path)
     report["table"] = table = markdown_table(named, report["featurizer"] or "missing")
-    ld4lg.write_json(
-        os.path.join(args.run_dir, "eval.json" if per_seed else "eval_sweep.json"), report
-    )
+    name = "eval.json" if per_seed else "eval_sweep.json"
+    ld4lg.write_json(os.path.join(args.run_dir, name), report)
     print(table)
     return report
 

@@ -58,13 +58,8 @@ class Interrupted(UserError):
 # 1. Configuration: one flat typed config per stage, presets as override dicts
 
 # String fields with a fixed set of values.
-CHOICES = dict(
-    lm_mode=("freeze", "ft"),
-    objective=("v", "eps", "x0"),
-    loss=("l2", "l1"),
-    t_sampling=("auto", "uniform", "adaptive"),
-    sampler=("ddpm", "ddim", "dpmpp"),
-)
+CHOICES = dict(lm_mode=("freeze", "ft"), objective=("v", "eps", "x0"), loss=("l2", "l1"))
+CHOICES |= dict(t_sampling=("auto", "uniform", "adaptive"), sampler=("ddpm", "ddim", "dpmpp"))
 
 
 def opt(default, help):
@@ -178,45 +173,15 @@ SEQ2SEQ = dict(seq2seq=True, loss="l1", guidance=2.0)  # (G2, D3) L1 loss, w = 2
 PRESETS = {
     # Offline demo: a tiny T5 and a BPE trained on the built-in grammar corpus; CPU minutes.
     "demo": dict(
-        ae=dict(
-            data="demo",
-            lm="tiny-t5",
-            lm_mode="ft",
-            max_len=32,
-            num_latents=16,
-            d_ae=32,
-            ae_dim=128,
-            ae_heads=4,
-            enc_layers=2,
-            dec_layers=2,
-            batch_size=64,
-            lr=1e-3,
-            warmup=200,
-            steps=1200,
-            num_eval=500,
-            eval_every=400,
-            weight_decay=0.0,
-            latent_noise=0.5,
-        ),
+        ae=dict(data="demo", lm="tiny-t5", lm_mode="ft", max_len=32, num_eval=500)
+        | dict(num_latents=16, d_ae=32, ae_dim=128, ae_heads=4, enc_layers=2, dec_layers=2)
+        | dict(batch_size=64, lr=1e-3, warmup=200, steps=1200, eval_every=400, weight_decay=0.0)
+        | dict(latent_noise=0.5),
         # A short run wants a short EMA and a high peak lr; (D5) s = 0.5 trains the small
         # denoiser more at high noise, where it fails (probes in RESULTS.md).
-        diff=dict(
-            dim=128,
-            depth=4,
-            heads=4,
-            skips=2,
-            dropout=0.0,
-            batch_size=64,
-            lr=3e-3,
-            warmup=200,
-            schedule_scale=0.5,
-            steps=14_000,
-            ema_decay=0.995,
-            eval_every=1000,
-            weight_decay=0.0,
-            tune_decoder=4000,
-            tune_noise=2.5,
-        ),
+        diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, schedule_scale=0.5)
+        | dict(batch_size=64, lr=3e-3, warmup=200, steps=14_000, eval_every=1000)
+        | dict(ema_decay=0.995, weight_decay=0.0, tune_decoder=4000, tune_noise=2.5),
     ),
     # The paper's recipes with BART-base (Tables 13-14).
     "roc": dict(ae=dict(data="mintujupally/ROCStories"), diff=PAPER_DIFF),
@@ -225,54 +190,30 @@ PRESETS = {
         diff=dict(PAPER_DIFF, class_cond=True),
     ),
     "e2e": dict(
-        ae=dict(
-            data="GEM/e2e_nlg",
-            text_column="target",
-            source_column="meaning_representation",
-            eval_split="validation",
-        ),
+        ae=dict(data="GEM/e2e_nlg", text_column="target", eval_split="validation")
+        | dict(source_column="meaning_representation"),
         diff=dict(PAPER_DIFF, steps=50_000, **SEQ2SEQ),
     ),
     "xsum": dict(
-        ae=dict(
-            data="EdinburghNLP/xsum",
-            text_column="summary",
-            source_column="document",
-            eval_split="validation",
-        ),
+        ae=dict(data="EdinburghNLP/xsum", text_column="summary", source_column="document")
+        | dict(eval_split="validation"),
         diff=dict(PAPER_DIFF, max_source_len=512, **SEQ2SEQ),
     ),
     "qqp": dict(
-        ae=dict(
-            data="glue:qqp",
-            text_column="question2",
-            source_column="question1",
-            eval_split="validation",
-        ),
+        ae=dict(data="glue:qqp", text_column="question2", source_column="question1")
+        | dict(eval_split="validation"),
         diff=dict(PAPER_DIFF, **SEQ2SEQ),
     ),
 }
 # The demo's conditional variants reuse the demo autoencoder; only the conditioning changes.
 _demo = PRESETS["demo"]
-PRESETS["demo-class"] = dict(
-    ae=_demo["ae"], diff=dict(_demo["diff"], class_cond=True, label_column="label")
-)
-PRESETS["demo-seq2seq"] = dict(
-    ae=_demo["ae"],
-    diff=dict(_demo["diff"], source_column="source", steps=8800, temperature=0.5, **SEQ2SEQ),
-)
+_class = dict(class_cond=True, label_column="label")
+_seq2seq = dict(source_column="source", steps=8800, temperature=0.5, **SEQ2SEQ)
+PRESETS["demo-class"] = dict(ae=_demo["ae"], diff=_demo["diff"] | _class)
+PRESETS["demo-seq2seq"] = dict(ae=_demo["ae"], diff=_demo["diff"] | _seq2seq)
 # Data fields: both stages read the same data, so `train` takes them from the preset's ae part.
-DATA_FIELDS = {
-    "data",
-    "text_column",
-    "label_column",
-    "source_column",
-    "train_split",
-    "eval_split",
-    "max_len",
-    "num_eval",
-    "max_train",
-}
+DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split"}
+DATA_FIELDS |= {"eval_split", "max_len", "num_eval", "max_train"}
 
 
 def make_config(cls, preset, **overrides):
@@ -295,11 +236,7 @@ def load_config(cls, run_dir, missing="{} is not a run directory (no config.json
     raw = json.load(open(path, encoding="utf-8"))
     names = {f.name for f in dataclasses.fields(cls)}
     if raw.get("stage") != cls.__name__ or not names >= set(raw["config"]):
-        unknown = sorted(set(raw.get("config", {})) - names)
-        raise UserError(
-            f"{path} is not a {cls.__name__} run of this version "
-            f"(stage '{raw.get('stage')}', unknown fields: {unknown})"
-        )
+        raise UserError(f"{path} is not a {cls.__name__} run of this version")
     return cls(**raw["config"]), raw
 
 
@@ -314,9 +251,8 @@ def pick_device(name="auto"):
 
 def fast_bf16(device):
     """bf16 pays on CUDA and on CPUs with bf16 dot products (AVX512-BF16)."""
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported()
-    return device.type == "cuda"
+    cpu_bf16 = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+    return device.type == "cuda" or cpu_bf16
 
 
 def autocast(device, bf16=True):
@@ -328,21 +264,21 @@ def autocast(device, bf16=True):
 
 @functools.cache
 def hub_online(timeout=3.0):
-    """Whether the model hub answers; asked once, so that offline a load by name costs one
-    line rather than a storm of retries."""
+    """Whether the model hub answers, asked once: offline, a load by name then costs one line
+    rather than a storm of retries."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return False
     url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
+        if not constants.HF_HUB_OFFLINE:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            return True
     except OSError:
-        return False
+        pass
+    return False
 
 
 def from_hub(load, name, what):
@@ -398,18 +334,10 @@ DEMO_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 DEMO_EVERY = "morning evening night weekend summer winter".split()
 DEMO_ADV = "quickly slowly happily carefully again often eagerly quietly".split()
 DEMO_PREP = "in at near behind outside".split()
-DEMO_DET = {
-    "sg": "the this that every a".split(),
-    "pl": "the these those some many two three several".split(),
-}
-IRREGULAR = {
-    "match": "matches",
-    "trophy": "trophies",
-    "coach": "coaches",
-    "watch": "watches",
-    "catch": "catches",
-    "study": "studies",
-}
+DEMO_DET = dict(
+    sg="the this that every a".split(), pl="the these those some many two three several".split()
+)
+IRREGULAR = {"trophy": "trophies", "study": "studies"}  # the rest take -s or -es
 
 
 def inflect(words):
@@ -421,16 +349,9 @@ def inflect(words):
 def demo_words(topic):
     """A topic's word lists, inflected: noun_sg/pl, verb_sg/pl, obj_sg/pl, adj, site."""
     w = {k: v.split() for k, v in DEMO_TOPICS[topic].items()}
-    return dict(
-        noun_sg=w["noun"],
-        noun_pl=inflect(w["noun"]),
-        verb_pl=w["verb"],
-        verb_sg=inflect(w["verb"]),
-        obj_sg=w["obj"],
-        obj_pl=inflect(w["obj"]),
-        adj=w["adj"],
-        site=w["site"],
-    )
+    w.update(noun_sg=w["noun"], noun_pl=inflect(w["noun"]), obj_sg=w["obj"])
+    w.update(verb_pl=w["verb"], verb_sg=inflect(w["verb"]), obj_pl=inflect(w["obj"]))
+    return w
 
 
 def demo_sentence(rng: random.Random, topic: str):
@@ -486,9 +407,7 @@ class Split:
     sources: list | None = None
 
     def take(self, idx):
-        def pick(xs):
-            return None if xs is None else [xs[i] for i in idx]
-
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]
         return Split(pick(self.texts), pick(self.labels), pick(self.sources))
 
 
@@ -641,104 +560,64 @@ def train_tokenizer(texts, vocab_size):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False)
+    trainer.special_tokens, trainer.initial_alphabet = specials, alphabet
     bpe.train_from_iterator(texts, trainer)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
+    bos_eos = [("<s>", 0), ("</s>", 2)]
+    bpe.post_processor = processors.TemplateProcessing("<s> $A </s>", special_tokens=bos_eos)
+    names = ("bos", "pad", "eos", "unk", "mask")
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
+        tokenizer_object=bpe, **{f"{k}_token": t for k, t in zip(names, specials)}
     )
 
 
 def tiny_lm(kind, vocab_size, cfg: AEConfig):
     """A small randomly initialised BART ('tiny') or T5 ('tiny-t5'); ids as train_tokenizer's."""
-    from transformers import (
-        BartConfig,
-        BartForConditionalGeneration,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
+    import transformers as tf
 
     d, n = cfg.tiny_dim, cfg.tiny_layers
-    pad, bos, eos = 1, 0, 2
+    ids = dict(vocab_size=vocab_size, pad_token_id=1, eos_token_id=2)
     if kind == "tiny-t5":
-        t5 = T5Config(
-            vocab_size=vocab_size,
-            d_model=d,
-            d_kv=d // 4,
-            d_ff=4 * d,
-            num_layers=n,
-            num_heads=4,
-            dropout_rate=0.0,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            decoder_start_token_id=pad,
-        )
-        return T5ForConditionalGeneration(t5)
-    bart = BartConfig(
-        vocab_size=vocab_size,
-        d_model=d,
-        encoder_layers=n,
-        decoder_layers=n,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=4 * d,
-        decoder_ffn_dim=4 * d,
-        max_position_embeddings=max(cfg.max_len, 64) + 2,
-        dropout=0.0,
-        attention_dropout=0.0,
-        pad_token_id=pad,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        decoder_start_token_id=eos,
-    )
-    return BartForConditionalGeneration(bart)
+        shape = dict(d_model=d, d_kv=d // 4, d_ff=4 * d, num_layers=n, num_heads=4)
+        config = tf.T5Config(**shape, **ids, dropout_rate=0.0, decoder_start_token_id=1)
+        return tf.T5ForConditionalGeneration(config)
+    shape = dict(d_model=d, encoder_layers=n, decoder_layers=n, encoder_ffn_dim=4 * d)
+    shape |= dict(decoder_ffn_dim=4 * d, encoder_attention_heads=4, decoder_attention_heads=4)
+    shape |= dict(max_position_embeddings=max(cfg.max_len, 64) + 2)
+    config = tf.BartConfig(**shape, **ids, dropout=0.0, attention_dropout=0.0)
+    config.bos_token_id, config.decoder_start_token_id = 0, 2
+    return tf.BartForConditionalGeneration(config)
 
 
 def load_lm(cfg: AEConfig, run_dir=None, texts=None):
     """(lm, tokenizer). A tiny LM is rebuilt from its run's tokenizer (weights: the checkpoint)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    if cfg.lm in ("tiny", "tiny-t5"):
-        tok_dir = run_dir and os.path.join(run_dir, "tokenizer")
-        if tok_dir and os.path.isdir(tok_dir):
-            tok = AutoTokenizer.from_pretrained(tok_dir)
-        elif texts is not None:
-            tok = train_tokenizer(texts, cfg.tiny_vocab)
-        else:
-            raise UserError(f"run directory {run_dir} has no tokenizer/ for its tiny LM")
-        torch.manual_seed(cfg.seed)
-        return tiny_lm(cfg.lm, len(tok), cfg), tok
-    tok = from_hub(AutoTokenizer.from_pretrained, cfg.lm, "tokenizer")
-    lm = from_hub(AutoModelForSeq2SeqLM.from_pretrained, cfg.lm, "language model")
-    if not lm.config.is_encoder_decoder:
-        raise UserError(f"'{cfg.lm}' is not an encoder-decoder model (need BART or T5 style)")
-    return lm, tok
+    if cfg.lm not in ("tiny", "tiny-t5"):
+        tok = from_hub(AutoTokenizer.from_pretrained, cfg.lm, "tokenizer")
+        lm = from_hub(AutoModelForSeq2SeqLM.from_pretrained, cfg.lm, "language model")
+        if not lm.config.is_encoder_decoder:
+            raise UserError(f"'{cfg.lm}' is not an encoder-decoder model (BART or T5 style)")
+        return lm, tok
+    tok_dir = run_dir and os.path.join(run_dir, "tokenizer")
+    if tok_dir and os.path.isdir(tok_dir):
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    elif texts is not None:
+        tok = train_tokenizer(texts, cfg.tiny_vocab)
+    else:
+        raise UserError(f"run directory {run_dir} has no tokenizer/ for its tiny LM")
+    torch.manual_seed(cfg.seed)
+    return tiny_lm(cfg.lm, len(tok), cfg), tok
 
 
 def tokenize(tok, texts, max_len, warn=None):
     """Pad/truncate to max_len. warn: the flag that sets max_len, to report truncated texts."""
-    enc = tok(
-        list(texts), max_length=max_len, truncation=True, padding="longest", return_tensors="pt"
-    )
-    if warn and (n := sum(len(ids) > max_len for ids in tok(list(texts))["input_ids"])):
-        print(
-            f"warning: {n} of {len(texts)} texts are longer than --{warn} {max_len} tokens "
-            "and were truncated",
-            file=sys.stderr,
-        )
+    texts = list(texts)
+    enc = tok(texts, max_length=max_len, truncation=True, padding="longest", return_tensors="pt")
+    if warn and (n := sum(len(ids) > max_len for ids in tok(texts)["input_ids"])):
+        msg = f"{n} of {len(texts)} texts are longer than --{warn} {max_len} tokens"
+        print(f"warning: {msg} and were truncated", file=sys.stderr)
     return enc["input_ids"], enc["attention_mask"].bool()
 
 
@@ -862,6 +741,9 @@ class Reconstructor(nn.Module):
         return h
 
 
+OFFICIAL_DECODE = dict(num_beams=4, repetition_penalty=1.2, no_repeat_ngram_size=3)
+
+
 class LatentAutoencoder(nn.Module):
     """w → E(w) → x = f_φ(E(w)) → g_φ(x) → D(·) ≈ w  (§3.1, R2)."""
 
@@ -876,9 +758,7 @@ class LatentAutoencoder(nn.Module):
 
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
-        if self.save_lm:
-            return state
-        return {k: v for k, v in state.items() if not k.startswith("lm.")}
+        return {k: v for k, v in state.items() if self.save_lm or not k.startswith("lm.")}
 
     def lm_states(self, ids, mask):
         """E(w). A frozen LM's encoder is a fixed function: no dropout, no gradient."""
@@ -911,21 +791,16 @@ class LatentAutoencoder(nn.Module):
         return self.decoder_loss(self.reconstructor(x), ids, mask)
 
     @torch.no_grad()
-    def generate(
-        self, x, max_length=64, num_beams=4, repetition_penalty=1.2, no_repeat_ngram_size=3
-    ):
-        """Text from latents: g_φ(x), then the LM decoder's beam search (§3.2; the official
-        code's settings: 4 beams, repetition penalty 1.2, no repeated 3-grams)."""
+    def generate(self, x, max_length=64, **decode):
+        """Text from latents: g_φ(x), then the LM decoder's beam search (§3.2), with the
+        official code's settings unless `decode` overrides them."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        h = self.reconstructor(x)
+        h = BaseModelOutput(last_hidden_state=self.reconstructor(x))
+        ones = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)  # every latent
+        decode = OFFICIAL_DECODE | decode
         out = self.lm.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=h),
-            attention_mask=torch.ones(h.shape[:2], dtype=torch.long, device=h.device),
-            num_beams=num_beams,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            max_length=max_length,
+            encoder_outputs=h, attention_mask=ones, max_length=max_length, **decode
         )
         return [t.strip() for t in self.tok.batch_decode(out, skip_special_tokens=True)]
 
@@ -1244,12 +1119,10 @@ def generate_latents(model, cfg: DiffConfig, n, cond, sampler, steps, guidance, 
 def make_optimizer(named_params, cfg: TrainConfig, device, fused=True):
     """AdamW, no weight decay on biases, norms and other 1-D parameters (Table 14)."""
     params = [p for _, p in named_params if p.requires_grad]
-    groups = [
-        dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay),
-        dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0),
-    ]
+    decay = dict(params=[p for p in params if p.ndim >= 2], weight_decay=cfg.weight_decay)
+    no_decay = dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)
     fused = fused and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    return torch.optim.AdamW([decay, no_decay], lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
 def batch_indices(step, n, batch_size, seed):
@@ -1349,58 +1222,42 @@ def plot_curves(run_dir, keys=("loss", "val_loss")):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     with figure(os.path.join(run_dir, "loss.png")) as ax:
         for key in keys:
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                marker = "o" if key.startswith("val") else None
-                ax.plot(*zip(*points), label=key, marker=marker, ms=3)
-        title = os.path.basename(os.path.normpath(run_dir))
-        ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+            if points := [(r["step"], r[key]) for r in rows if key in r]:
+                ax.plot(*zip(*points), label=key, marker="o" if "val" in key else None, ms=3)
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.basename(run_dir))
         ax.legend()
 
 
-def dist_info():
-    """(rank, world size) under torchrun, else (0, 1)."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def setup_distributed(device):
-    """Join the torchrun process group (NCCL on GPUs, gloo on the CPU) when WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-        def finish():  # all ranks done, then destroy: an early exit can abort gloo
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-        atexit.register(finish)
+    """(rank, world size): joins the torchrun process group (NCCL on GPUs, gloo on the CPU)
+    when WORLD_SIZE > 1, else (0, 1)."""
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # all ranks done, then destroy: a rank that exits first can abort gloo
+        atexit.register(lambda: (dist.barrier(), dist.destroy_process_group()))
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist_info()
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def train_loop(
-    cfg, run_dir, model, loss_fn, validate, device, resume, weights, ema=None, schedule="linear"
-):
+def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, ema=None):
     """The flat loop every stage shares; loss_fn(step, idx, generator, net) -> (loss, logs).
-    1. AdamW, warmup then linear or cosine decay (transformers' schedules), DDP
+    1. AdamW; warmup, then linear decay (cosine with an EMA: the denoiser); DDP
     2. resume: weights (EMA and J3 state too), optimizer, scheduler, step, RNG states
     3. each step: this rank's share of the global batch → loss → backward → clip → step → EMA,
        with no host sync outside log steps
     4. log steps: metrics reduced across ranks; a NaN/inf stops before anything is saved
     5. eval steps, the time budget, signals and the end: validation, atomic checkpoint."""
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    import transformers
 
-    rank, world = dist_info()
+    rank, world = setup_distributed(device)
     if cfg.batch_size % world:
         raise UserError(f"--batch_size {cfg.batch_size} must divide among {world} processes")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model.named_parameters(), cfg, device)  # 1.
-    make_schedule = get_linear_schedule_with_warmup
-    if schedule == "cosine":
-        make_schedule = get_cosine_schedule_with_warmup
-    sched = make_schedule(opt, min(cfg.warmup, cfg.steps), cfg.steps)
+    kind = "cosine" if ema else "linear"
+    sched = transformers.get_scheduler(kind, opt, min(cfg.warmup, cfg.steps), cfg.steps)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # t, ε, dropout: per rank
     step = 0
@@ -1425,8 +1282,8 @@ def train_loop(
     for sig in (signal.SIGINT, signal.SIGTERM):  # checkpoint, then exit, after this step
         signal.signal(sig, lambda signum, frame: stop.setdefault("signal", signum))
     bad = torch.zeros((), dtype=torch.bool, device=device)  # sticky "a loss was non-finite"
-    name = os.path.basename(os.path.normpath(run_dir))
-    pbar = tqdm(total=cfg.steps, initial=step, desc=f"train {name}", disable=rank > 0)
+    desc = f"train {os.path.basename(run_dir)}"
+    pbar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=rank > 0)
     acc, n_acc, t_log = {}, 0, time.time()
 
     def log(row):
@@ -1442,14 +1299,8 @@ def train_loop(
             gens = [torch.empty_like(gens[0]) for _ in range(world)]
             torch.distributed.all_gather_object(gens, gen.get_state())
         if rank == 0:
-            state = dict(
-                step=step,
-                world=world,
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                generators=gens,
-                torch_rng=torch.get_rng_state(),
-            )
+            state = dict(step=step, world=world, generators=gens, torch_rng=torch.get_rng_state())
+            state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
             save_checkpoint(run_dir, weights, state)
             plot_curves(run_dir)
             floats = " ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float))
@@ -1458,9 +1309,8 @@ def train_loop(
     model.train()
     while step < cfg.steps:
         batch = batch_indices(step, loss_fn.num_rows, cfg.batch_size, cfg.seed)
-        idx = batch[rank::world]  # 3. this rank's share
         with autocast(device, cfg.bf16):
-            loss, logs = loss_fn(step, idx, gen, net)
+            loss, logs = loss_fn(step, batch[rank::world], gen, net)  # 3. this rank's share
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -1480,10 +1330,7 @@ def train_loop(
                 torch.distributed.all_reduce(stats)
                 stats[1:] /= world
             if stats[0].item():
-                raise UserError(
-                    f"non-finite loss at or before step {step}; stopped without saving "
-                    f"(the last good checkpoint stays in {run_dir})"
-                )
+                raise UserError(f"non-finite loss at or before step {step}; stopped unsaved")
             means = {k: round(float(v) / n_acc, 5) for k, v in zip(acc, stats[1:])}
             speed = round(n_acc / (time.time() - t_log), 2)
             log(dict(step=step, **means, lr=sched.get_last_lr()[0], steps_per_s=speed))
@@ -1494,19 +1341,15 @@ def train_loop(
             flag = torch.tensor([float(bool(over_budget or stop.get("signal")))], device=device)
             torch.distributed.all_reduce(flag)
             over_budget = over_budget or (flag.item() > 0 and not stop.get("signal"))
-        last = step == cfg.steps or stop.get("signal") or over_budget
-        if step % cfg.eval_every == 0 or last:  # 5.
+        if step % cfg.eval_every == 0 or step == cfg.steps or stop or over_budget:  # 5.
             if bad.item():
                 raise UserError(f"non-finite loss at or before step {step}; stopped unsaved")
             model.eval()
-            reason = "signal" if stop.get("signal") else "time budget" if over_budget else "eval"
-            checkpoint(reason)
+            checkpoint("signal" if stop else "time budget" if over_budget else "eval")
             model.train()
-            if stop.get("signal"):
-                raise Interrupted(
-                    f"stopped by signal {stop['signal']} at step {step}; "
-                    "checkpoint saved, continue with --resume"
-                )
+            if stop:
+                msg = f"stopped by signal {stop['signal']} at step {step}; checkpoint saved"
+                raise Interrupted(f"{msg}, continue with --resume")
             if over_budget:
                 break
     pbar.close()
@@ -1526,8 +1369,7 @@ def encode_all(
         L = int(mask[i : i + chunk].sum(1).max())  # each chunk trimmed to its longest text
         with autocast(device, bf16):
             y = fn(ids[i : i + chunk, :L].to(device), mask[i : i + chunk, :L].to(device))
-        if per_token:
-            y = F.pad(y, (0, 0, 0, ids.shape[1] - L))
+        y = F.pad(y, (0, 0, 0, ids.shape[1] - L)) if per_token else y
         out.append(y.to(store or device, dtype))
     return torch.cat(out)
 
@@ -1546,8 +1388,7 @@ def _rouge_scorer():
 def rouge(hyp, refs):
     """ROUGE-1/2/L F1 of the `rouge-score` package, as the paper's evaluation (no stemming);
     with several references (E2E) the best one counts."""
-    refs = [refs] if isinstance(refs, str) else list(refs)
-    scores = _rouge_scorer().score_multi(refs, hyp)
+    scores = _rouge_scorer().score_multi([refs] if isinstance(refs, str) else list(refs), hyp)
     return {k: scores[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
 
 
@@ -1571,27 +1412,22 @@ def ae_reconstruction_metrics(ae, split: Split, cfg: AEConfig, device, max_texts
     and ROUGE-L of beam-search reconstructions of held-out texts."""
     import sacrebleu
 
-    texts = split.texts[:max_texts]
-    hyps, loss, acc = [], 0.0, 0.0
+    texts, hyps, loss, acc = split.texts[:max_texts], [], 0.0, 0.0
     for i in range(0, len(texts), bs):
         ids, mask = (t.to(device) for t in tokenize(ae.tok, texts[i : i + bs], cfg.max_len))
         with autocast(device, cfg.bf16):
             batch_loss, batch_acc = ae(ids, mask)
             hyps += ae.generate(ae.encode(ids, mask), max_length=cfg.max_len + 2)
-        loss += float(batch_loss) * len(ids)
-        acc += float(batch_acc) * len(ids)
+        loss, acc = loss + float(batch_loss) * len(ids), acc + float(batch_acc) * len(ids)
     # the reference is what the model could see: the text after truncation
     cut = ae.tok(texts, max_length=cfg.max_len, truncation=True)["input_ids"]
     refs = [t.strip() for t in ae.tok.batch_decode(cut, skip_special_tokens=True)]
-    return dict(
-        token_acc=acc / len(texts),
-        loss=loss / len(texts),
-        exact_match=float(np.mean([h == r for h, r in zip(hyps, refs)])),
-        bleu=sacrebleu.corpus_bleu(hyps, [refs]).score,
-        rouge_l=100 * float(np.mean([rouge(h, r)["rougeL"] for h, r in zip(hyps, refs)])),
-        examples=[dict(text=r, reconstruction=h) for r, h in zip(refs[:5], hyps[:5])],
-        num_texts=len(texts),
-    )
+    m = dict(token_acc=acc / len(texts), loss=loss / len(texts), num_texts=len(texts))
+    m["exact_match"] = float(np.mean([h == r for h, r in zip(hyps, refs)]))
+    m["bleu"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+    m["rouge_l"] = 100 * float(np.mean([rouge(h, r)["rougeL"] for h, r in zip(hyps, refs)]))
+    m["examples"] = [dict(text=r, reconstruction=h) for r, h in zip(refs[:5], hyps[:5])]
+    return m
 
 
 def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
@@ -1610,22 +1446,14 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
     states = None
     if cfg.lm_mode == "freeze" and cfg.cache_lm:  # E(w) once: the speed-up the paper names
-        states = encode_all(
-            ae.lm_states,
-            ids_all,
-            mask_all,
-            device,
-            torch.bfloat16,
-            "cpu",
-            per_token=True,
-            bf16=cfg.bf16,
-        )
+        bf16, cpu = torch.bfloat16, "cpu"
+        states = encode_all(ae.lm_states, ids_all, mask_all, device, bf16, cpu, True, cfg.bf16)
 
     def loss_fn(step, idx, gen, net):
         L = int(mask_all[idx].sum(1).max())  # the batch trimmed to its longest text
         ids, mask = ids_all[idx, :L].to(device), mask_all[idx, :L].to(device)
-        h = None
-        if states is not None:  # the cache is bf16: read it in the model's float type
+        h = None  # the cached E(w) is bf16: it is read in float32, as the model's dtype
+        if states is not None:
             h = states[idx, :L].to(device, non_blocking=True).float()
         loss, acc = net(ids, mask, gen, h)
         return loss, dict(loss=loss, token_acc=acc)
@@ -1641,10 +1469,8 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     if rank > 0:
         return {}
     metrics = ae_reconstruction_metrics(ae, data["test"], cfg, device)
-    num_train = len(data["train"].texts)
-    metrics.update(
-        steps=step, train_minutes=round(secs / 60, 2), device=str(device), num_train=num_train
-    )
+    metrics.update(steps=step, train_minutes=round(secs / 60, 2), device=str(device))
+    metrics["num_train"] = len(data["train"].texts)
     summary = {k: v for k, v in metrics.items() if k != "examples"}
     write_json(os.path.join(out, "eval_ae.json"), metrics)
     write_json(os.path.join(out, "summary.json"), summary)
@@ -1667,54 +1493,45 @@ def joint_gamma(step, warmup):
 
 
 def joint_loss(ae, model, cfg: DiffConfig, ids, mask, cond, gamma, generator, adaptive=None):
-    """(J1-J4) One LDLM step: L = w_d·γ-scaled L_diff + w_m·L_mse + w_c·L_ce, with the
-    diffusion gradient into the encoder scaled by γ (J2), decoder-input noise (J4)."""
+    """(J1-J4) One LDLM step: L = w_d·L_diff + w_m·L_mse + w_c·L_ce, the diffusion gradient
+    into the encoder scaled by γ (J2), noise on the decoder's input latents (J4)."""
     h = ae.lm_states(ids, mask)  # the frozen E(w): the regression target of J1
     x = ae.compressor(h, mask)
     var = x.detach().float().var(0).mean()  # variance across the batch: near 0 is collapse
-    l_diff, t, per_sample = diffusion_loss(
-        model, scale_grad(x, gamma), cfg, cond, generator, adaptive
-    )  # (J2)
+    x_diff = scale_grad(x, gamma)  # (J2)
+    l_diff, t, per_sample = diffusion_loss(model, x_diff, cfg, cond, generator, adaptive)
     h_hat = ae.reconstructor(ae.noised(x, cfg.decoder_noise, generator))  # (J4), (B, L, d_lm)
     l_mse = F.mse_loss(h_hat.float(), h.float()) if cfg.mse_loss else torch.zeros_like(var)
     # (J1) CE on a stop-gradient of ĥ trains the decoder without shaping the encoder
     l_ce, acc = ae.decoder_loss(h_hat.detach() if cfg.mse_loss else h_hat, ids, mask)
     loss = cfg.diff_weight * l_diff + cfg.mse_weight * l_mse + cfg.ce_weight * l_ce
-    logs = dict(
-        loss=loss, diff_loss=l_diff, mse_loss=l_mse, ce_loss=l_ce, token_acc=acc, latent_var=var
-    )
-    return loss, logs, t, per_sample
+    logs = dict(loss=loss, diff_loss=l_diff, mse_loss=l_mse, ce_loss=l_ce, token_acc=acc)
+    return loss, dict(logs, latent_var=var), t, per_sample
 
 
 def make_source_encoder(cfg: DiffConfig, ae, device, texts=None):
     """(G2) A frozen encoder of the source text, the autoencoder's own LM encoder by default.
     texts: the sources to come (training or sampling): a warning if --max_source_len cuts
     them, and their states cached if they fit in --cache_sources GB. -> (encode, width)."""
+    tok, enc = ae.tok, ae.lm.get_encoder()
     if cfg.source_encoder:
         from transformers import AutoModel, AutoTokenizer
 
         tok = from_hub(AutoTokenizer.from_pretrained, cfg.source_encoder, "tokenizer")
         enc = from_hub(AutoModel.from_pretrained, cfg.source_encoder, "source encoder")
         enc = enc.get_encoder() if enc.config.is_encoder_decoder else enc
-    else:
-        tok, enc = ae.tok, ae.lm.get_encoder()
     enc = enc.to(device).eval().requires_grad_(False)
     dim = getattr(enc.config, "d_model", None) or enc.config.hidden_size
     limit = getattr(enc.config, "max_position_embeddings", None)  # T5: relative, no limit
     if limit and cfg.max_source_len > limit:
         raise UserError(f"--max_source_len {cfg.max_source_len} > the encoder's {limit} positions")
-
-    @torch.no_grad()
-    def states(ids, mask):
-        return enc(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-
-    cache = None
+    states = torch.no_grad()(lambda ids, m: enc(input_ids=ids, attention_mask=m).last_hidden_state)
+    cache, row = None, {}
     if texts is not None:
         ids, mask = tokenize(tok, texts, cfg.max_source_len, warn="max_source_len")
-        if (gb := ids.numel() * dim * 2 / 2**30) <= cfg.cache_sources:
-            cache = encode_all(
-                states, ids, mask, device, torch.bfloat16, "cpu", per_token=True, bf16=cfg.bf16
-            )
+        if (gb := ids.numel() * dim * 2 / 2**30) <= cfg.cache_sources:  # bf16: 2 bytes
+            bf16, cpu = torch.bfloat16, "cpu"
+            cache = encode_all(states, ids, mask, device, bf16, cpu, True, cfg.bf16)
             row = {s: i for i, s in enumerate(texts)}
         else:
             print(f"source states: {gb:.1f} GB > --cache_sources: encoded every batch")
@@ -1724,8 +1541,8 @@ def make_source_encoder(cfg: DiffConfig, ae, device, texts=None):
             idx = torch.tensor([row[s] for s in texts])
             L = int(mask[idx].sum(1).max())  # trimmed to the batch's longest source
             return cache[idx, :L].to(device).float(), mask[idx, :L].to(device)
-        ids_, mask_ = tokenize(tok, texts, cfg.max_source_len)
-        return states(ids_.to(device), mask_.to(device)), mask_.to(device)
+        ids_, mask_ = (t.to(device) for t in tokenize(tok, texts, cfg.max_source_len))
+        return states(ids_, mask_).float(), mask_
 
     return encode, dim
 
@@ -1750,12 +1567,11 @@ def finetune_decoder(cfg: DiffConfig, run_dir, ae, ids_all, mask_all, latents, t
     """(J4 in a two-stage model) Fine-tune g_φ and the LM decoder to read x + σε, x the frozen
     encoder's latents: the decoder learns to forgive a denoiser's errors while the latents
     stay as they were. It depends on the autoencoder, the texts and σ, not the denoiser: a run
-    of its own that other denoisers of the same autoencoder reuse."""
-    tcfg = dataclasses.replace(
-        cfg, steps=cfg.tune_decoder, batch_size=64, lr=cfg.tune_lr, warmup=100, eval_every=500
-    )
-    fields = ["seed", "tune_decoder", "tune_noise", "tune_lr"]
-    fields += sorted(DATA_FIELDS - {"label_column", "source_column"})
+    of its own, which other denoisers of the same autoencoder and settings reuse."""
+    tcfg = dataclasses.replace(cfg, steps=cfg.tune_decoder, batch_size=64, lr=cfg.tune_lr)
+    tcfg.warmup, tcfg.eval_every = 100, 500
+    fields = ["seed", "tune_decoder", "tune_noise", "tune_lr", *sorted(DATA_FIELDS)]
+    fields = [k for k in fields if k not in ("label_column", "source_column")]
     key = dict(ae=os.path.abspath(cfg.ae), **{k: getattr(cfg, k) for k in fields})
     config_path, eval_path = (os.path.join(run_dir, n) for n in ("config.json", "eval_ae.json"))
     saved = json.load(open(config_path)) if os.path.isfile(config_path) else None
@@ -1797,6 +1613,18 @@ def plot_density(adaptive, run_dir):
         ax[1].set(xlabel="t", ylabel="sampling density of t")
 
 
+def setup_joint(ae, ae_cfg: AEConfig, device):
+    """(J1) LDLM's autoencoder: the LM encoder stays frozen (it gives the targets E(w)); the
+    compressor and the reconstructor with its token readout start fresh; the LM decoder
+    trains if the autoencoder run fine-tuned its LM."""
+    d_lm = ae.lm.config.d_model
+    ae.compressor = Compressor(d_lm, ae_cfg).to(device)
+    ae.reconstructor = Reconstructor(d_lm, ae_cfg, readout=True).to(device)
+    ae.lm.requires_grad_(False)
+    ae.lm.get_decoder().requires_grad_(ae_cfg.lm_mode == "ft")
+    ae.cfg = dataclasses.replace(ae_cfg, lm_mode="freeze")  # E(w) without gradient
+
+
 def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     """§3.2: train the denoiser on cached latents of a trained autoencoder, or (--joint) the
     LDLM recipe: encoder, denoiser and decoder in one step (J1-J4)."""
@@ -1818,11 +1646,8 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         encode_source, context_dim = make_source_encoder(cfg, ae, device, train.sources)
     resume = prepare_run_dir(out, resume, overwrite)  # after every input check
     decoder_dir = cfg.decoder or os.path.join(out, "decoder")
-
-    def rel(p):
-        return os.path.relpath(os.path.abspath(p), os.path.abspath(out))
-
-    save_config(out, cfg, ae_dir=rel(cfg.ae), decoder_dir=rel(decoder_dir))
+    rel = [os.path.relpath(os.path.abspath(p), os.path.abspath(out)) for p in (cfg.ae, decoder_dir)]
+    save_config(out, cfg, ae_dir=rel[0], decoder_dir=rel[1])
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -1830,39 +1655,26 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     adaptive = None
     if cfg.t_sampling == "adaptive" or (cfg.t_sampling == "auto" and cfg.joint):
         adaptive = AdaptiveTime().to(device)
-    weights = {"denoiser": model, "ema": ema.module}
-    if adaptive is not None:
-        weights["adaptive_t"] = adaptive
+    weights = {"denoiser": model, "ema": ema.module} | (
+        {"adaptive_t": adaptive} if adaptive else {}
+    )
     ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="max_len")
-    latents = None
+    val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], ae_cfg.max_len)
+    trainable, latents, val_x, tuned = model, None, None, None
     if cfg.joint:
-        # (J1) the LM encoder stays frozen (it gives the targets E(w)); compressor,
-        # reconstructor and readout start fresh; the LM decoder trains if the autoencoder
-        # run fine-tuned its LM.
-        d_lm = ae.lm.config.d_model
-        ae.compressor = Compressor(d_lm, ae_cfg).to(device)
-        ae.reconstructor = Reconstructor(d_lm, ae_cfg, readout=True).to(device)
-        ae.lm.requires_grad_(False)
-        ae.lm.get_decoder().requires_grad_(ae_cfg.lm_mode == "ft")
-        ae.cfg = dataclasses.replace(ae_cfg, lm_mode="freeze")  # E(w) without gradient
+        setup_joint(ae, ae_cfg, device)
         weights["ae"] = ae
         trainable = nn.ModuleDict(dict(denoiser=model, ae=ae))
         pad = ae_cfg.max_len - ids_all.shape[1]  # the readout's decoder reads all positions
         ids_all = F.pad(ids_all, (0, pad), value=ae.tok.pad_token_id)
         mask_all = F.pad(mask_all, (0, pad))
-    else:
-        trainable = model
-        latents = encode_all(ae.encode, ids_all, mask_all, device, bf16=cfg.bf16)  # (N, ℓ, d_ae)
-        ae.requires_grad_(False)
-    val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], ae_cfg.max_len)
-    val_x = None  # joint runs re-encode the validation texts at every validation
-    if not cfg.joint:
+    else:  # the latents once, (N, ℓ, d_ae); joint runs re-encode them at every step
+        latents = encode_all(ae.encode, ids_all, mask_all, device, bf16=cfg.bf16)
         val_x = encode_all(ae.encode, val_ids, val_mask, device, bf16=cfg.bf16)
-    tuned = None  # (J4, two-stage) the decoder's fine-tuning needs the latents only: first
-    if cfg.tune_decoder and not cfg.joint:
-        tuned = finetune_decoder(
-            cfg, decoder_dir, ae, ids_all, mask_all, latents, data["test"], device
-        )
+        ae.requires_grad_(False)
+        if cfg.tune_decoder:  # (J4, two-stage) it needs the latents only: before the denoiser
+            args = (ae, ids_all, mask_all, latents, data["test"], device)
+            tuned = finetune_decoder(cfg, decoder_dir, *args)
     compiled = model
     if cfg.compile and device.type == "cuda":  # checkpoints save the raw module
         compiled = torch.compile(model)
@@ -1874,9 +1686,8 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         if cfg.joint:
             ids, mask = ids_all[idx].to(device), mask_all[idx].to(device)
             gamma = joint_gamma(step, cfg.warmup_joint)
-            loss, logs, t, per_sample = joint_loss(
-                ae, compiled, cfg, ids, mask, cond, gamma, gen, adaptive
-            )
+            out = joint_loss(ae, compiled, cfg, ids, mask, cond, gamma, gen, adaptive)
+            loss, logs, t, per_sample = out
         else:
             x = latents[idx.to(latents.device)]
             loss, t, per_sample = diffusion_loss(net, x, cfg, cond, gen, adaptive)
@@ -1900,36 +1711,24 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
             cond4 = {k: v[:4] for k, v in cond.items()}
             z = generate_latents(ema.module, cfg, 4, cond4, "ddim", 50, cfg.guidance, g)
             row = dict(val_loss=val_loss, samples=ae.generate(z, max_length=ae_cfg.max_len + 2))
-        if cfg.joint:
-            row["latent_var"] = float(x.var(0).mean())
-            if row["latent_var"] < 1e-3:  # per-dimension variance near 0: the latents collapse
-                tqdm.write(f"warning: latent variance {row['latent_var']:.2e}: collapsing")
+        if cfg.joint:  # per-dimension variance near 0 across the batch: the latents collapse
+            row["latent_var"] = var = float(x.var(0).mean())
+            if var < 1e-3:
+                tqdm.write(f"warning: latent variance {var:.2e}: the latent space collapses")
         return row
 
+    ema_pair = (ema, model)
     step, secs = train_loop(
-        cfg,
-        out,
-        trainable,
-        loss_fn,
-        validate,
-        device,
-        resume,
-        weights,
-        ema=(ema, model),
-        schedule="cosine",
+        cfg, out, trainable, loss_fn, validate, device, resume, weights, ema_pair
     )
     if rank > 0:
         return {}
     if adaptive is not None:
         plot_density(adaptive, out)
-    summary = dict(
-        steps=step,
-        train_minutes=round(secs / 60, 2),
-        device=str(device),
-        num_train=len(train.texts),
-        params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        decoder=tuned and {k: v for k, v in tuned.items() if k != "examples"},
-    )
+    summary = dict(steps=step, train_minutes=round(secs / 60, 2), device=str(device))
+    summary["num_train"] = len(train.texts)
+    summary["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    summary["decoder"] = tuned and {k: v for k, v in tuned.items() if k != "examples"}
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
@@ -1940,26 +1739,28 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
 
 @dataclass
 class Run:
-    """All that sampling needs of a trained run."""
+    """A trained run and its sampling settings: all that sampling needs."""
 
-    cfg: DiffConfig
+    cfg: DiffConfig  # its sampler, sample_steps, guidance and temperature are the defaults
     ae: LatentAutoencoder
     ae_cfg: AEConfig
     model: Denoiser  # the EMA weights (compiled on request)
     encode_source: object = None  # (G2) texts -> (states, mask)
-    decode: dict = field(default_factory=dict)  # beam-search settings for ae.generate
+    decode: dict = field(default_factory=dict)  # beam-search settings of ae.generate
+    batch_size: int = 500  # latents sampled and decoded together
 
 
-def load_run(
-    run_dir, device, compile=False, tuned=True, sources=None, temperature=None, decode=None
-):
+def load_run(run_dir, device, compile=False, tuned=True, sources=None, **settings):
     """A trained run, ready to sample. tuned=False reads with the autoencoder's own decoder
-    where the run fine-tuned one (a control); sources: to cache their states (G2)."""
+    where the run fine-tuned one (a control); sources: to cache their states (G2); settings:
+    overrides of the run's sampler, sample_steps, guidance and temperature (None: the run's),
+    decode and batch_size."""
     cfg, raw = load_config(DiffConfig, run_dir)
-    if temperature is not None:  # a sampling flag overrides the run's τ
-        cfg.temperature = temperature
-    ae_dir = os.path.normpath(os.path.join(run_dir, raw["ae_dir"]))
-    ae, ae_cfg = load_autoencoder(ae_dir, device)
+    run_settings = {k: v for k, v in settings.items() if k in ("decode", "batch_size")}
+    for k, v in settings.items():
+        if k not in run_settings and v is not None:
+            setattr(cfg, k, v)
+    ae, ae_cfg = load_autoencoder(os.path.join(run_dir, raw["ae_dir"]), device)
     ck = checkpoint_dir(run_dir)
     if cfg.joint:
         ae.reconstructor = Reconstructor(ae.lm.config.d_model, ae_cfg, readout=True).to(device)
@@ -1975,25 +1776,21 @@ def load_run(
     load_weights(model, os.path.join(ck, "ema.safetensors"))
     if compile and device.type == "cuda":
         model = torch.compile(model)
-    return Run(cfg, ae, ae_cfg, model, encode_source, decode or {})
+    return Run(cfg, ae, ae_cfg, model, encode_source, **run_settings)
 
 
 def mbr_select(candidates):
     """(G4) the candidate with the least mean loss (−ROUGE-L) to the others: the medoid."""
-    scores = [
-        sum(rouge(c, d)["rougeL"] for j, d in enumerate(candidates) if j != i)
-        for i, c in enumerate(candidates)
-    ]
-    return int(np.argmax(scores))
+
+    def score(i):  # the summed ROUGE-L to the other candidates
+        return sum(rouge(candidates[i], d)["rougeL"] for j, d in enumerate(candidates) if j != i)
+
+    return max(range(len(candidates)), key=score)
 
 
 def sample_rows(
     run: Run,
     n,
-    steps,
-    sampler,
-    guidance,
-    batch_size,
     seed,
     labels=None,
     sources=None,
@@ -2005,36 +1802,35 @@ def sample_rows(
     """Yield one JSON-ready row per sample (per source, for seq2seq), batch by batch, and a
     dict `clock` of diffusion and decoding seconds. Each batch has its own generator, seeded by
     (seed, batch index), so a resumed file (skip > 0) gets exactly the rows it lacks."""
-    device = next(run.ae.parameters()).device
+    cfg, device = run.cfg, next(run.ae.parameters()).device
     per = candidates if sources is not None else 1
     n_rows = len(sources) if sources is not None else n
     clock = dict(diffusion_s=0.0, decoding_s=0.0, samples=0)
-    rows_per_batch = max(1, batch_size // per)
-    latent_shape = (run.ae_cfg.num_latents, run.ae_cfg.d_ae)
+    rows_per_batch = max(1, run.batch_size // per)
+    settings = dict(sampler=cfg.sampler, steps=cfg.sample_steps, guidance=cfg.guidance)
 
     def gen():
-        starts = range(0, n_rows, rows_per_batch)
-        for b, start in enumerate(tqdm(starts, desc="sampling")):
+        for b, start in enumerate(tqdm(range(0, n_rows, rows_per_batch), desc="sampling")):
             rows = list(range(start, min(n_rows, start + rows_per_batch)))
             if rows[-1] < skip:
                 continue
             g = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
-            cond = {}
+            cond, B = {}, len(rows) * per
             if labels is not None:
-                label = torch.tensor([labels[i] for i in rows], device=device)
-                cond["label"] = label.repeat_interleave(per)
+                cond["label"] = torch.tensor([labels[i] for i in rows], device=device)
+                cond["label"] = cond["label"].repeat_interleave(per)
             if sources is not None:
                 context, mask = run.encode_source([sources[i] for i in rows])
                 cond["context"] = context.repeat_interleave(per, 0)
                 cond["context_mask"] = mask.repeat_interleave(per, 0)
             t0 = time.time()
             if random_latents:  # the control: no denoiser, N(0, I) (onto C3's sphere)
-                z = torch.randn((len(rows) * per, *latent_shape), device=device, generator=g)
+                z = torch.randn(
+                    (B, run.ae_cfg.num_latents, run.ae_cfg.d_ae), device=device, generator=g
+                )
                 z = on_sphere(z) if run.ae_cfg.norm_latents else z
             else:
-                z = generate_latents(
-                    run.model, run.cfg, len(rows) * per, cond, sampler, steps, guidance, g
-                )
+                z = generate_latents(run.model, cfg, B, cond, *settings.values(), g)
             t1 = time.time()
             texts = run.ae.generate(z, max_length=run.ae_cfg.max_len + 2, **run.decode)
             clock["diffusion_s"] += t1 - t0
@@ -2043,14 +1839,7 @@ def sample_rows(
             for j, i in enumerate(rows):
                 if i < skip:
                     continue
-                row = dict(
-                    index=i,
-                    sampler=sampler,
-                    steps=steps,
-                    guidance=guidance,
-                    temperature=run.cfg.temperature,
-                    seed=seed,
-                )
+                row = dict(index=i, **settings, temperature=cfg.temperature, seed=seed)
                 cands = texts[j * per : (j + 1) * per]
                 row["text"] = cands[mbr_select(cands)] if per > 1 else cands[0]  # (G4)
                 if labels is not None:
@@ -2058,10 +1847,9 @@ def sample_rows(
                 if sources is not None:
                     row.update(source=sources[i], single=cands[0], candidates=cands)
                 if references is not None:
-                    row["reference"] = references[i]
+                    row["reference"] = ref = references[i]
                     if per > 1:  # oracle: the candidate closest to the reference (a bound)
-                        oracle = max(cands, key=lambda c: rouge(c, references[i])["rougeL"])
-                        row["oracle"] = oracle
+                        row["oracle"] = max(cands, key=lambda c: rouge(c, ref)["rougeL"])
                 yield row
 
     return gen(), clock
@@ -2069,94 +1857,72 @@ def sample_rows(
 
 def timing_summary(clock):
     n, total = max(clock["samples"], 1), clock["diffusion_s"] + clock["decoding_s"]
+    per_1000 = lambda s: round(1000 * s / n, 1)
     return dict(
         samples=clock["samples"],
         samples_per_s=round(n / max(total, 1e-9), 2),
-        diffusion_s_per_1000=round(1000 * clock["diffusion_s"] / n, 1),
-        decoding_s_per_1000=round(1000 * clock["decoding_s"] / n, 1),
-        total_s_per_1000=round(1000 * total / n, 1),
+        diffusion_s_per_1000=per_1000(clock["diffusion_s"]),
+        decoding_s_per_1000=per_1000(clock["decoding_s"]),
+        total_s_per_1000=per_1000(total),
     )
 
 
-def resolve_condition(cfg: DiffConfig, args, n, split):
-    """Labels and sources (and references) for `sample`: --class or all classes in turn;
-    --source-file or the sources of a split (a callable, read only when needed)."""
-    labels = sources = references = None
-    if args.guidance not in (None, 1.0) and not (cfg.class_cond or cfg.seq2seq):
-        raise UserError("--guidance needs a class-conditional or seq2seq model")
-    if args.class_ is not None:
-        if not cfg.class_cond:
-            raise UserError("--class needs a class-conditional model (trained with --class_cond)")
-        if not 0 <= args.class_ < cfg.num_classes:
-            raise UserError(f"--class {args.class_} is not in 0..{cfg.num_classes - 1}")
-        labels = [args.class_] * n
-    elif cfg.class_cond:
-        labels = [i % cfg.num_classes for i in range(n)]  # every class, equal counts
-    if args.source_file and not cfg.seq2seq:
-        raise UserError("--source-file needs a seq2seq model (trained with --seq2seq)")
-    if cfg.seq2seq and args.source_file:  # one source per line, or {"text": ...} lines
-        sources = read_texts(args.source_file, "--source-file")[:n]
-    elif cfg.seq2seq:
-        sources, references = split().sources[:n], split().texts[:n]
-    return labels, sources, references
+def sample_settings(args):
+    """The run overrides that `sample` and evaluate.py share (None: the run's own)."""
+    decode = dict(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
+    decode["no_repeat_ngram_size"] = args.no_repeat_ngram
+    steps = args.steps if isinstance(args.steps, int) else None  # evaluate: a list, a sweep
+    return dict(
+        sampler=args.sampler,
+        sample_steps=steps,
+        guidance=args.guidance,
+        temperature=args.temperature,
+        decode=decode,
+        batch_size=args.batch_size,
+    )
 
 
 def cmd_sample(args):
     """`sample RUN_DIR`: writes RUN_DIR/samples.jsonl (or --output) row by row."""
-    device = pick_device(args.device)
-    cfg = load_config(DiffConfig, args.run_dir)[0]
     for k in ("num_samples", "steps", "batch_size", "candidates"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             raise UserError(f"--{k} must be positive")
-    steps, sampler = args.steps or cfg.sample_steps, args.sampler or cfg.sampler
-    guidance = cfg.guidance if args.guidance is None else args.guidance
-    split = functools.cache(lambda: load_data(cfg)[args.split])
-    labels, sources, references = resolve_condition(cfg, args, args.num_samples, split)
-    decode = dict(
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram,
-    )
-    run = load_run(
-        args.run_dir, device, args.compile, not args.ae_decoder, sources, args.temperature, decode
-    )
+    cfg, n = load_config(DiffConfig, args.run_dir)[0], args.num_samples
+    labels = sources = references = None
+    if args.guidance not in (None, 1.0) and not (cfg.class_cond or cfg.seq2seq):
+        raise UserError("--guidance needs a class-conditional or seq2seq model")
+    if args.class_ is not None and not cfg.class_cond:
+        raise UserError("--class needs a class-conditional model (trained with --class_cond)")
+    if args.class_ is not None and not 0 <= args.class_ < cfg.num_classes:
+        raise UserError(f"--class {args.class_} is not in 0..{cfg.num_classes - 1}")
+    if args.source_file and not cfg.seq2seq:
+        raise UserError("--source-file needs a seq2seq model (trained with --seq2seq)")
+    if cfg.class_cond:  # one class, or every class in turn (equal counts)
+        labels = [i % cfg.num_classes if args.class_ is None else args.class_ for i in range(n)]
+    if cfg.seq2seq and args.source_file:  # one source per line, or {"text": ...} lines
+        sources = read_texts(args.source_file, "--source-file")[:n]
+    elif cfg.seq2seq:
+        split = load_data(cfg)[args.split]
+        sources, references = split.sources[:n], split.texts[:n]
+    device = pick_device(args.device)
+    tuned = not args.ae_decoder
+    run = load_run(args.run_dir, device, args.compile, tuned, sources, **sample_settings(args))
     path = args.output or os.path.join(args.run_dir, "samples.jsonl")
     if os.path.exists(path) and not (args.resume or args.overwrite):
         raise UserError(f"{path} exists; pass --resume to continue it or --overwrite")
-    skip = 0  # rows already written
-    if args.resume and os.path.exists(path):
-        skip = sum(1 for _ in open(path))
+    skip = sum(1 for _ in open(path)) if args.resume and os.path.exists(path) else 0
     rows, clock = sample_rows(
-        run,
-        args.num_samples,
-        steps,
-        sampler,
-        guidance,
-        args.batch_size,
-        args.seed,
-        labels,
-        sources,
-        references,
-        args.candidates,
-        skip,
-        args.random_latents,
+        run, n, args.seed, labels, sources, references, args.candidates, skip, args.random_latents
     )
     with open(path, "a" if skip else "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
             f.flush()  # a kill loses at most the row being written
     texts = [json.loads(line)["text"] for line in open(path)]
-    summary = dict(
-        output=path,
-        sampler=sampler,
-        steps=steps,
-        guidance=guidance,
-        temperature=run.cfg.temperature,
-        seed=args.seed,
-        random_latents=args.random_latents,
-        ae_decoder=args.ae_decoder,
-        **timing_summary(clock),
-    )
+    summary = dict(output=path, sampler=run.cfg.sampler, steps=run.cfg.sample_steps)
+    summary.update(guidance=run.cfg.guidance, temperature=run.cfg.temperature, seed=args.seed)
+    summary.update(random_latents=args.random_latents, ae_decoder=args.ae_decoder)
+    summary.update(timing_summary(clock))
     write_json(os.path.splitext(path)[0] + ".summary.json", summary)  # beside its samples
     print("\n".join("  " + t for t in texts[:5]) + "\n" + json.dumps(summary, indent=1))
     return summary
@@ -2169,18 +1935,16 @@ def cmd_sample(args):
 def add_config_flags(parser, cls):
     """One --flag per config field, its help the field's comment; None means 'not given'."""
     for f in dataclasses.fields(cls):
+        kind, text, flag = type(f.default), f.metadata["help"], f"--{f.name}"
         if f.name == "preset":  # a run flag
             continue
-        kind, text = type(f.default), f.metadata["help"]
         if kind is bool:
             action = argparse.BooleanOptionalAction
-            parser.add_argument(f"--{f.name}", action=action, default=None, help=text)
+            parser.add_argument(flag, action=action, default=None, help=text)
         elif kind is tuple:
-            n = len(f.default)
-            parser.add_argument(f"--{f.name}", type=float, nargs=n, default=None, help=text)
+            parser.add_argument(flag, type=float, nargs=len(f.default), default=None, help=text)
         else:
-            text = f"{text} (default {f.default!r})"
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=text)
+            parser.add_argument(flag, type=kind, default=None, help=f"{text} ({f.default!r})")
 
 
 def add_sample_flags(s):
@@ -2200,54 +1964,38 @@ def add_sample_flags(s):
 
 
 def build_parser():
-    formatter = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="ld4lg.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    run_flags = argparse.ArgumentParser(add_help=False)
-    run_flags.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
-    run_flags.add_argument("--out", required=True, help="run directory to create")
-    run_flags.add_argument("--resume", action="store_true", help="continue the run in --out")
-    run_flags.add_argument("--overwrite", action="store_true", help="replace --out")
-    help_ae = "§3.1: train the language autoencoder"
-    a = sub.add_parser("train-ae", parents=[run_flags], help=help_ae, formatter_class=formatter)
-    add_config_flags(a, AEConfig)
-    help_train = "§3.2: train the latent denoiser (--joint: the LDLM recipe)"
-    d = sub.add_parser("train", parents=[run_flags], help=help_train, formatter_class=formatter)
-    add_config_flags(d, DiffConfig)
-    s = sub.add_parser(
-        "sample", help="App. A: sample texts from a trained run", formatter_class=formatter
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
+    run.add_argument("--out", required=True, help="run directory to create")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--overwrite", action="store_true", help="replace --out")
+    kw = dict(parents=[run], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(
+        sub.add_parser("train-ae", help="§3.1: the language autoencoder", **kw), AEConfig
     )
+    add_config_flags(
+        sub.add_parser("train", help="§3.2: the denoiser (--joint: LDLM)", **kw), DiffConfig
+    )
+    s = sub.add_parser("sample", help="App. A: sample texts from a trained run")
     s.add_argument("run_dir", help="run directory of `train`")
     add_sample_flags(s)
     s.add_argument("--steps", type=int, help="sampler steps (default: the run's, 250)")
     s.add_argument("--class", dest="class_", type=int, help="class of every sample (G1)")
     s.add_argument("--source-file", dest="source_file", help="seq2seq: a source per line")
-    s.add_argument(
-        "--split",
-        default="test",
-        choices=["val", "test"],
-        help="seq2seq: the split whose sources and references to use",
-    )
+    s.add_argument("--split", default="test", choices=["val", "test"], help="seq2seq sources")
     s.add_argument("--output", help="JSONL to write (default RUN_DIR/samples.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue a partly written --output")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    s.add_argument(
-        "--random_latents",
-        action="store_true",
-        help="control: decode N(0, I) latents (on C3's sphere), no denoiser",
-    )
-    s.add_argument(
-        "--ae_decoder",
-        action="store_true",
-        help="control: the autoencoder's own decoder, not the fine-tuned one",
-    )
+    s.add_argument("--random_latents", action="store_true", help="control: N(0, I) latents")
+    s.add_argument("--ae_decoder", action="store_true", help="control: the AE's own decoder")
     return p
 
 
 def run_training(args):
-    cls, train = (
-        (AEConfig, train_ae) if args.command == "train-ae" else (DiffConfig, train_diffusion)
-    )
+    stage = {"train-ae": (AEConfig, train_ae), "train": (DiffConfig, train_diffusion)}
+    cls, train = stage[args.command]
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "preset"}
     if not args.resume:
         return train(make_config(cls, args.preset, **flags), args.out, False, args.overwrite)
@@ -2263,10 +2011,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     try:
-        if args.command == "sample":
-            cmd_sample(args)
-        else:
-            run_training(args)
+        cmd_sample(args) if args.command == "sample" else run_training(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 130 if isinstance(e, Interrupted) else 2
