@@ -23,7 +23,6 @@ import os
 import random
 import re
 import sys
-import time
 
 import numpy as np
 import torch
@@ -185,32 +184,25 @@ def perplexity(lm, tok, texts, device):
     return float(np.mean(per_text)), math.exp(nll / max(count, 1))
 
 
-def text_metrics(
-    texts,
-    references,
-    train_texts,
-    featurize=None,
-    ppl=None,
-    demo=False,
-    labels=None,
-    sources=None,
-    seed=0,
-):
-    """MAUVE, Ppl, Div, Mem of a sample set; on the demo also its exact grammar checks."""
+def text_metrics(texts, references, train_texts, featurize=None, ppl=None, seed=0):
+    """MAUVE, Ppl, Div and Mem of a sample set (Table 2's columns)."""
     m = dict(diversity=diversity(texts), memorization=memorization(texts, train_texts))
     m["mauve"] = mauve_score(featurize, texts, references, seed=seed + 25) if featurize else None
     m["perplexity"], m["perplexity_corpus"] = ppl(texts) if ppl else (None, None)
-    if demo:
-        train, topics = set(train_texts), [demo_topic(t) for t in texts]
-        valid = [t for t, k in zip(texts, topics) if k]
-        m["valid"] = len(valid) / len(texts)
-        m["novelty"] = sum(t not in train for t in valid) / max(len(valid), 1)
-        m["distinct"] = len(set(texts)) / len(texts)
-        if labels is not None:
-            names = list(ld4lg.DEMO_TOPICS)
-            m["topic_acc"] = float(np.mean([k == names[y] for k, y in zip(topics, labels)]))
-        if sources is not None:
-            m["slot_acc"] = float(np.mean([demo_slots_ok(t, s) for t, s in zip(texts, sources)]))
+    return m
+
+
+def demo_metrics(texts, train_texts, labels=None, sources=None):
+    """The demo's exact checks: valid, novel, distinct; topic (G1) and slots (G2) if given."""
+    train, topics = set(train_texts), [demo_topic(t) for t in texts]
+    valid = [t for t, k in zip(texts, topics) if k]
+    m = dict(valid=len(valid) / len(texts), distinct=len(set(texts)) / len(texts))
+    m["novelty"] = sum(t not in train for t in valid) / max(len(valid), 1)
+    if labels is not None:
+        names = list(ld4lg.DEMO_TOPICS)
+        m["topic_acc"] = float(np.mean([k == names[y] for k, y in zip(topics, labels)]))
+    if sources is not None:
+        m["slot_acc"] = float(np.mean([demo_slots_ok(t, s) for t, s in zip(texts, sources)]))
     return m
 
 
@@ -225,33 +217,14 @@ def rouge_metrics(hyps, refs):
 
 def mean_std(rows):
     """(mean, std) over seeds of every numeric metric; one not computed stays None."""
-    return {
-        k: None
-        if v is None
-        else (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows])))
-        for k, v in rows[0].items()
-        if v is None or isinstance(v, (int, float))
-    }
+    stats = lambda k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows])))
+    numeric = [k for k, v in rows[0].items() if v is None or isinstance(v, (int, float))]
+    return {k: None if rows[0][k] is None else stats(k) for k in numeric}
 
 
-COLUMNS = [
-    "mauve",
-    "perplexity",
-    "diversity",
-    "memorization",
-    "valid",
-    "distinct",
-    "novelty",
-    "topic_acc",
-    "slot_acc",
-    "mbr_slot_acc",
-    "rouge_1",
-    "rouge_2",
-    "rouge_l",
-    "mbr_rouge_l",
-    "oracle_rouge_l",
-    "total_s_per_1000",
-]
+COLUMNS = "mauve perplexity diversity memorization valid distinct novelty topic_acc slot_acc"
+COLUMNS = (COLUMNS + " mbr_slot_acc rouge_1 rouge_2 rouge_l mbr_rouge_l oracle_rouge_l").split()
+COLUMNS.append("total_s_per_1000")
 
 
 def markdown_table(named_rows, featurizer):
@@ -353,9 +326,8 @@ def cmd_eval(args):
         rows = list(rows)
         single = [r.get("single", r["text"]) for r in rows]
         first_refs = [r if isinstance(r, str) else r[0] for r in refs]
-        m = text_metrics(
-            single, first_refs, train_texts, featurize, ppl, demo, labels, sources, seed
-        )
+        m = text_metrics(single, first_refs, train_texts, featurize, ppl, seed)
+        m.update(demo_metrics(single, train_texts, labels, sources) if demo else {})
         if cfg.seq2seq:
             m.update(rouge_metrics(single, refs))
             if candidates > 1:
@@ -379,7 +351,8 @@ def cmd_eval(args):
     report["per_seed"] = per_seed = [run_once(s) for s in range(args.seeds)]
     # the paper's Reference row: held-out human texts scored as samples, MAUVE vs train texts
     others = random.Random(0).sample(train_texts, min(n, len(train_texts)))
-    report["reference"] = text_metrics(held, others, train_texts, featurize, ppl, demo)
+    report["reference"] = text_metrics(held, others, train_texts, featurize, ppl)
+    report["reference"].update(demo_metrics(held, train_texts) if demo else {})
     named = [("Reference (test vs train texts)", report["reference"])]
     if per_seed:  # --seeds 0 runs only the sweeps
         report["model"] = mean_std(per_seed)
@@ -424,17 +397,13 @@ def random_lm_like(cfg):
     return AutoModelForSeq2SeqLM.from_config(config)
 
 
-def timed(fn, repeats, device, warmup=2):
-    """Median seconds of fn() over repeats, after warm-up calls (compilation, caches)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(warmup + repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[warmup:]))
+def timed(fn, repeats):
+    """Seconds per call of fn(), after warm-up calls: torch.utils.benchmark, which also
+    synchronises CUDA; with all of torch's threads, as training has them."""
+    from torch.utils.benchmark import Timer
+
+    timer = Timer("fn()", globals=dict(fn=fn), num_threads=torch.get_num_threads())
+    return timer.timeit(repeats).mean
 
 
 def cmd_bench(args):
@@ -449,17 +418,12 @@ def cmd_bench(args):
     ae = ld4lg.LatentAutoencoder(lm, None, acfg).to(device).train()
     model = ld4lg.build_denoiser(dcfg, acfg).to(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
-    res = dict(
-        preset=args.preset,
-        device=name,
-        bf16=bf16 and ld4lg.fast_bf16(device),
-        fused=fused and device.type == "cuda",
-        compile=compile,
-        denoiser_params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-    )
+    res = dict(preset=args.preset, device=name, bf16=bf16 and ld4lg.fast_bf16(device))
+    res.update(fused=fused and device.type == "cuda", compile=compile)
+    res["denoiser_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
 
     def rate(fn):  # calls per second
-        return round(1 / timed(fn, args.repeats, device), 2)
+        return round(1 / timed(fn, args.repeats), 2)
 
     # 1. denoiser training at the preset's batch: on cached latents, and encoding every batch
     opt = ld4lg.make_optimizer(model.named_parameters(), dcfg, device, fused)
@@ -481,11 +445,8 @@ def cmd_bench(args):
     res["uncached_steps_per_s"] = rate(lambda: denoiser_step(True))
     # model FLOPs: 6·N per latent for forward and backward, plus the self-conditioning forward
     # (2·N) half the time; N counts the per-token matrices, not the per-sample time layers
-    n_dense = sum(
-        p.numel()
-        for k, p in model.named_parameters()
-        if p.ndim == 2 and not re.search("emb|time|ada", k)
-    )
+    per_token = [p for k, p in model.named_parameters() if not re.search("emb|time|ada", k)]
+    n_dense = sum(p.numel() for p in per_token if p.ndim == 2)
     flops = (6 + dcfg.self_cond) * n_dense * dcfg.batch_size * acfg.num_latents
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), args.peak_tflops)
     res["mfu"] = round(flops * res["denoiser_steps_per_s"] / (peak * 1e12), 4) if peak else None
@@ -505,36 +466,24 @@ def cmd_bench(args):
     res["ae_steps_per_s"] = rate(ae_step)
     res["ae_cached_steps_per_s"] = rate(lambda: ae_step(h)) if h is not None else None
     # 3. sampling: a batch of 250 network calls, and a batch of beam search, per 1000 samples
+    from transformers.modeling_outputs import BaseModelOutput
+
     model.eval()
     ae.eval()
     zb = torch.randn(args.sample_batch, acfg.num_latents, acfg.d_ae, device=device)
-    scale = 1000 / args.sample_batch
+    per_1000 = lambda fn, calls: round(1000 / len(zb) * calls * timed(fn, args.repeats), 1)
     with torch.no_grad(), ld4lg.autocast(device, bf16):
-        label = dict(label=torch.zeros(len(zb), dtype=torch.long, device=device))
-        cond = label if dcfg.class_cond else {}
-
-        def calls(w):
-            return lambda: ld4lg.guided_model_fn(net, dcfg, cond, w)(zb, 0.5, zb)
-
-        res["diffusion_s_per_1000"] = round(
-            scale * 250 * timed(calls(1.0), args.repeats, device), 1
-        )
-        from transformers.modeling_outputs import BaseModelOutput
-
-        h = BaseModelOutput(last_hidden_state=ae.reconstructor(zb))
-        ones = torch.ones(zb.shape[:2], dtype=torch.long, device=device)
-        n = acfg.max_len  # every beam decodes the full length: the worst case
-
-        def decode():
-            lm.generate(
-                encoder_outputs=h, attention_mask=ones, num_beams=4, max_length=n, min_length=n
-            )
-
-        res["decoding_s_per_1000"] = round(scale * timed(decode, 1, device, warmup=1), 1)
+        label = torch.zeros(len(zb), dtype=torch.long, device=device)
+        cond = dict(label=label) if dcfg.class_cond else {}
+        calls = lambda w: lambda: ld4lg.guided_model_fn(net, dcfg, cond, w)(zb, 0.5, zb)
+        res["diffusion_s_per_1000"] = per_1000(calls(1.0), 250)
         if dcfg.class_cond:  # (G3) w = 2: both passes in one batched call
-            res["guided_s_per_1000"] = round(
-                scale * 250 * timed(calls(2.0), args.repeats, device), 1
-            )
+            res["guided_s_per_1000"] = per_1000(calls(2.0), 250)
+        h = BaseModelOutput(last_hidden_state=ae.reconstructor(zb))
+        ones, n = torch.ones(zb.shape[:2], dtype=torch.long, device=device), acfg.max_len
+        # every beam decodes the full length: the worst case
+        kw = dict(encoder_outputs=h, attention_mask=ones, num_beams=4, max_length=n, min_length=n)
+        res["decoding_s_per_1000"] = per_1000(lambda: lm.generate(**kw), 1)
     if device.type == "cuda":
         res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print("| " + " | ".join(res) + " |\n|" + "---|" * len(res))
@@ -565,28 +514,23 @@ def build_parser(bench=False):
     e = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     e.add_argument("run_dir", nargs="?", help="run directory of `ld4lg.py train`")
     ld4lg.add_sample_flags(e)
-    e.add_argument(
-        "--steps",
-        type=lambda v: [int(x) for x in v.split(",")],
-        help="sampler steps; a comma list adds the Table-11 sweep and its plot",
+    ints, floats = (
+        (lambda v: [int(x) for x in v.split(",")]),
+        (lambda v: [float(x) for x in v.split(",")]),
     )
+    e.add_argument("--steps", type=ints, help="sampler steps; a list adds Table 11's sweep")
     e.add_argument("--seeds", type=int, default=5, help="sampling seeds (paper: 5); 0: sweeps")
-    e.add_argument(
-        "--guidance_sweep",
-        type=lambda v: [float(x) for x in v.split(",")],
-        help="comma list of w for conditional runs, e.g. 0,1,2,3",
-    )
+    e.add_argument("--guidance_sweep", type=floats, help="a list of w, e.g. 0,1,2,3 (G3)")
     e.add_argument(
         "--no-controls",
         dest="controls",
         action="store_false",
-        help="skip the control rows (random latents; the AE's own decoder)",
+        help="skip the controls (random latents; the AE's own decoder)",
     )
     e.add_argument(
         "--featurizer",
         default="gpt2-large",
-        help=f"MAUVE features: a causal LM, a sentence-embedding folder, "
-        f"'{OFFLINE_FEATURIZER}' offline, or none",
+        help=f"MAUVE features: causal LM, sentence-embedding folder, {OFFLINE_FEATURIZER}",
     )
     e.add_argument("--ppl_model", default="gpt2-large", help="causal LM for perplexity, or none")
     e.add_argument("--samples", help="score this JSONL of {'text': ...} instead of a run")

@@ -524,7 +524,7 @@ def load_data(cfg: TrainConfig):
     def carve(split, parts):
         """Shuffle and cut `parts` held-out pieces of num_eval texts off the front."""
         idx = shuffled(split)
-        n = min(cfg.num_eval, len(idx) // 10)  # never more than 10 % each of a small set
+        n = min(cfg.num_eval, len(idx) // 10)  # never more than a tenth each of a small set
         if n == 0:
             raise UserError(f"'{cfg.data}' is too small ({len(idx)} texts) to hold out texts")
         pieces = [idx[i * n : (i + 1) * n] for i in range(parts)] + [idx[parts * n :]]
@@ -1938,13 +1938,14 @@ def add_config_flags(parser, cls):
         kind, text, flag = type(f.default), f.metadata["help"], f"--{f.name}"
         if f.name == "preset":  # a run flag
             continue
+        text = f"{text} (default {f.default!r})"
         if kind is bool:
             action = argparse.BooleanOptionalAction
             parser.add_argument(flag, action=action, default=None, help=text)
         elif kind is tuple:
             parser.add_argument(flag, type=float, nargs=len(f.default), default=None, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{text} ({f.default!r})")
+            parser.add_argument(flag, type=kind, default=None, help=text)
 
 
 def add_sample_flags(s):
@@ -1967,11 +1968,12 @@ def build_parser():
     p = argparse.ArgumentParser(prog="ld4lg.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
+    run.add_argument("--preset", default="demo", help=f"(default demo) {', '.join(PRESETS)}")
     run.add_argument("--out", required=True, help="run directory to create")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace --out")
-    kw = dict(parents=[run], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    note = "Defaults below are Tables 13-14's; a --preset overrides some of them (see PRESETS)."
+    kw = dict(parents=[run], description=note)
     add_config_flags(
         sub.add_parser("train-ae", help="§3.1: the language autoencoder", **kw), AEConfig
     )

@@ -119,9 +119,8 @@ def test_cached_lm_states_train_like_the_frozen_encoder(tmp_path):
         ae(ids[3:11], mask[3:11], None, h)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in ae.compressor.parameters()]))
     assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.999
-    path = str(
-        tmp_path / "lm"
-    )  # a "pretrained" LM by path: the frozen-LM branch of train-ae, with and without the cache
+    # a "pretrained" LM by path: the frozen-LM branch of train-ae, with and without the cache
+    path = str(tmp_path / "lm")
     ae.lm.save_pretrained(path), ae.tok.save_pretrained(path)
     losses = {}
     for cache in (True, False):
