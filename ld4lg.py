@@ -1245,7 +1245,7 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
     """The flat loop every stage shares; loss_fn(step, idx, generator, net) -> (loss, logs).
     1. AdamW; warmup, then linear decay (cosine with an EMA: the denoiser); DDP
     2. resume: weights (EMA and J3 state too), optimizer, scheduler, step, RNG states
-    3. each step: this rank's share of the global batch → loss → backward → clip → step → EMA,
+    3. each step: this rank's share of the global batch, loss, backward, clip, step, EMA,
        with no host sync outside log steps
     4. log steps: metrics reduced across ranks; a NaN/inf stops before anything is saved
     5. eval steps, the time budget, signals and the end: validation, atomic checkpoint."""
@@ -1488,7 +1488,8 @@ def scale_grad(x, gamma):
 
 
 def joint_gamma(step, warmup):
-    """(J2) γ rises 0 → 1 along a sigmoid centred at warmup/2 (≈0.002 at 0, ≈0.998 at warmup)."""
+    """(J2) γ rises from 0 to 1 along a sigmoid centred at warmup/2 (≈0.002 at 0, ≈0.998 at
+    warmup)."""
     return 1.0 if warmup <= 0 else 1 / (1 + math.exp(-12 * (step / warmup - 0.5)))
 
 

@@ -9,7 +9,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ld4lg  # noqa: E402
 
-torch.set_num_threads(2)
+# two threads, as CI's machine has, unless OMP_NUM_THREADS asks for another count
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 # huggingface_hub's logger gets its stderr handler on first use; made here, not inside a test's capsys (whose stream
 # closes with the test), so the order in which test files run does not matter.
 from huggingface_hub.utils import logging as hub_logging  # noqa: E402
