@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a preset end to end: autoencoder (§3.1) → denoiser (§3.2) → 1000 samples → evaluate.py (§4.1).
 #
-#   bash train.sh                   # offline demo: tiny BART on the built-in grammar corpus, CPU minutes
+#   bash train.sh                   # offline demo: a tiny T5 on the built-in grammar corpus, on a CPU
 #   bash train.sh demo-class        # class-conditional demo with classifier-free guidance (G1, G3)
 #   bash train.sh demo-seq2seq      # slot record → sentence demo with MBR decoding (G2, G4)
 #   bash train.sh demo-joint        # LDLM joint training on the demo (J1-J4)
