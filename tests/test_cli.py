@@ -315,44 +315,11 @@ def test_bench_demo_runs(tmp_path):
 
 def test_eval_protocol_and_sweeps(class_run):
     """eval over seeds with the guidance and steps sweeps on a tiny class-conditional run (paths, files, table)."""
-    argv = [
-        class_run,
-        "--num_samples",
-        "8",
-        "--seeds",
-        "2",
-        "--batch_size",
-        "8",
-        "--featurizer",
-        "none",
-        "--ppl_model",
-        "none",
-        "--guidance_sweep",
-        "0,2",
-    ]
-    assert evaluate.main(argv) == 0
+    common = "--num_samples 8 --batch_size 8 --featurizer none --ppl_model none".split()
+    assert evaluate.main([class_run, *common, "--seeds", "2", "--guidance_sweep", "0,2"]) == 0
     report = json.load(open(os.path.join(class_run, "eval.json")))
     assert set(report["guidance_sweep"]) == {"0.0", "2.0"} and report["model"]["mauve"] is None
     assert "topic_acc" in report["guidance_sweep"]["2.0"] and "missing" in report["table"]
     assert os.path.isfile(os.path.join(class_run, "guidance_sweep.png"))
-    assert (
-        evaluate.main(
-            [
-                class_run,
-                "--num_samples",
-                "8",
-                "--seeds",
-                "0",
-                "--steps",
-                "3,5",
-                "--batch_size",
-                "8",
-                "--featurizer",
-                "none",
-                "--ppl_model",
-                "none",
-            ]
-        )
-        == 0
-    )
+    assert evaluate.main([class_run, *common, "--seeds", "0", "--steps", "3,5"]) == 0
     assert os.path.isfile(os.path.join(class_run, "steps_sweep.png"))
