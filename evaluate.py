@@ -5,12 +5,15 @@
     python evaluate.py RUN_DIR --seeds 0 --guidance_sweep 0,1,2,3  # (G3) guidance weight
     python evaluate.py --samples S.jsonl --references R.txt        # texts from any system
     python evaluate.py bench --preset roc                          # training and sampling speed
+    python evaluate.py demo-data [data/demo]                       # the offline demo's corpus
 
 MAUVE, perplexity, diversity and memorization as the official code computes them (the paper
 notes, §11): MAUVE on GPT-2-large features, the mean of per-text GPT-2-large perplexities,
 Div = Π_{n=2..4} unique/total n-grams, Mem = share of generated 4-grams seen in training.
 Every report sets the model beside its controls: human text (Reference), random latents
-read by the same decoder, and, where the run fine-tuned a decoder, the autoencoder's own.
+read by the same decoder, and, where a fine-tuned decoder reads the latents, the autoencoder's
+own. The offline demo is a task with an exact answer: a grammar writes its corpus, and the same
+grammar, as a regular expression, checks every sample.
 """
 
 from __future__ import annotations
@@ -31,23 +34,145 @@ import ld4lg
 from ld4lg import UserError
 
 # ==========================================================================================
-# 1. The demo grammar as one exact regular expression per topic (validity, topic, slots)
+# 1. The demo task: a grammar writes the corpus and checks samples exactly (valid, topic, slots)
+
+# Sentence:  [TIME, ] SUBJ VP [and VP] [PLACE] [TIME].
+#   SUBJ = DET(n) [ADJ] NOUN(n), VP = VERB(n) DET(m) [ADJ] OBJ(m) [ADV],
+#   PLACE = PREP the [ADJ] SITE
+# with subject-verb and determiner-noun number agreement, a/an by the next word's first
+# letter, and all content words from one topic (the class label). The word lists avoid a/an
+# exceptions ("hour", "unique"), so the letter rule is exact and the regex below checks it.
+DEMO_TOPICS = {
+    "sports": dict(
+        noun="coach player athlete referee umpire fan captain goalkeeper runner swimmer",
+        verb="train watch kick throw catch chase win lose praise defend",
+        obj="ball match trophy medal race game goal opponent event award",
+        adj="young tired proud fast strong angry eager old excited loud",
+        site="stadium gym field court pool arena",
+    ),
+    "food": dict(
+        noun="chef cook baker waiter farmer butcher guest owner critic student",
+        verb="bake cook taste serve slice order eat prepare roast season",
+        obj="cake bread pie soup apple onion egg salad omelette pizza",
+        adj="hungry busy famous careful cheerful elegant ambitious nervous local polite",
+        site="kitchen bakery market restaurant cafe garden",
+    ),
+    "science": dict(
+        noun="scientist engineer chemist doctor professor robot inventor astronaut analyst nurse",
+        verb="study measure design test build repair observe examine improve launch",
+        obj="sample engine rocket experiment atom instrument satellite microscope device orbit",
+        adj="clever patient curious precise brilliant independent expert innovative calm modest",
+        site="lab laboratory observatory hospital factory office",
+    ),
+    "music": dict(
+        noun="singer drummer pianist guitarist violinist composer dancer artist listener conductor",
+        verb="play sing record perform write hear compose rehearse love enjoy",
+        obj="song melody album anthem opera tune chord rhythm instrument encore",
+        adj="talented gifted shy joyful emotional graceful energetic adventurous lively original",
+        site="theater studio hall club church concert",
+    ),
+}
+DEMO_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+DEMO_EVERY = "morning evening night weekend summer winter".split()
+DEMO_ADV = "quickly slowly happily carefully again often eagerly quietly".split()
+DEMO_PREP = "in at near behind outside".split()
+DEMO_DET = dict(sg="the this that every a".split(), pl="the these those some many".split())
+DEMO_DET["pl"] += "two three several".split()
+
+
+def demo_words(topic):
+    """A topic's word lists, inflected: noun_sg/pl, verb_sg/pl, obj_sg/pl, adj, site. Plural
+    nouns and third-person verbs share one rule: -ies after a consonant + y, -es after a
+    sibilant, else -s."""
+
+    def inflect(words):
+        out = []
+        for w in words:
+            if w.endswith("y") and w[-2] not in "aeiou":
+                out.append(w[:-1] + "ies")
+            else:
+                out.append(w + ("es" if w.endswith(("ch", "sh", "s", "x")) else "s"))
+        return out
+
+    w = {k: v.split() for k, v in DEMO_TOPICS[topic].items()}
+    w.update(noun_sg=w["noun"], noun_pl=inflect(w["noun"]), obj_sg=w["obj"])
+    w.update(verb_pl=w["verb"], verb_sg=inflect(w["verb"]), obj_pl=inflect(w["obj"]))
+    return w
+
+
+def demo_sentence(rng: random.Random, topic: str):
+    """One random sentence of a topic and its slot record (the seq2seq source)."""
+    w = demo_words(topic)
+
+    def noun_phrase(kind, number):  # DET [ADJ] NOUN with number and a/an agreement
+        noun = rng.choice(w[f"{kind}_{number}"])
+        adj = rng.choice(w["adj"]) if rng.random() < 0.5 else None
+        det = rng.choice(DEMO_DET[number])
+        if det == "a":
+            det = "an" if (adj or noun)[0] in "aeiou" else "a"
+        return " ".join(x for x in (det, adj, noun) if x), noun
+
+    number = rng.choice(["sg", "pl"])
+    subject, noun = noun_phrase("noun", number)
+    slots, verb_phrases = {"subject": noun}, []
+    for i in range(1 + (rng.random() < 0.3)):  # an optional second verb phrase, after "and"
+        verb = rng.choice(w[f"verb_{number}"])
+        obj, obj_noun = noun_phrase("obj", rng.choice(["sg", "pl"]))
+        adv = " " + rng.choice(DEMO_ADV) if rng.random() < 0.3 else ""
+        verb_phrases.append(f"{verb} {obj}{adv}")
+        slots[f"verb{i + 1}" if i else "verb"] = verb
+        slots[f"object{i + 1}" if i else "object"] = obj_noun
+    body = f"{subject} {' and '.join(verb_phrases)}"
+    if rng.random() < 0.6:
+        slots["place"] = site = rng.choice(w["site"])
+        adj = " " + rng.choice(w["adj"]) if rng.random() < 0.3 else ""
+        body += f" {rng.choice(DEMO_PREP)} the{adj} {site}"
+    r = rng.random()  # the time phrase goes first (a quarter), last (a quarter) or nowhere
+    when = None
+    if r < 0.5:
+        when = rng.choice([f"on {rng.choice(DEMO_DAYS)}", f"every {rng.choice(DEMO_EVERY)}"])
+        slots["time"] = when.split()[-1]
+    text = f"{when}, {body}." if r < 0.25 else f"{body} {when}." if when else f"{body}."
+    # "verb: catch", not "verb[catch]": a slot word keeps its BPE tokens
+    source = ", ".join(f"{k}: {v}" for k, v in slots.items())
+    return text[0].upper() + text[1:], source
+
+
+def demo_corpus(n: int, seed: int):
+    """n (text, source, label) rows; topics cycle so the classes are balanced."""
+    rng, topics = random.Random(seed), list(DEMO_TOPICS)
+    return [(*demo_sentence(rng, topics[i % 4]), i % 4) for i in range(n)]
+
+
+def write_demo_data(folder="data/demo", n_train=20_000, n_eval=500, seed=1234):
+    """The demo corpus as a data folder like any: train.jsonl, valid.jsonl and test.jsonl of
+    {"text", "source", "label"} rows, drawn from the grammar in that order."""
+    rows = demo_corpus(n_train + 2 * n_eval, seed)
+    cuts = dict(train=(0, n_train), valid=(n_train, n_train + n_eval))
+    cuts["test"] = (n_train + n_eval, n_train + 2 * n_eval)
+    os.makedirs(folder, exist_ok=True)
+    for name, (a, b) in cuts.items():
+        with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
+            f.writelines(
+                json.dumps(dict(text=t, source=s, label=y)) + "\n" for t, s, y in rows[a:b]
+            )
+    print(f"wrote {n_train} / {n_eval} / {n_eval} demo rows to {folder}")
 
 
 def _demo_patterns():
     def alt(words):
         return "(?:" + "|".join(sorted(words, key=len, reverse=True)) + ")"
 
-    when = rf"(?:on {alt(ld4lg.DEMO_DAYS)}|every {alt(ld4lg.DEMO_EVERY)})"
+    when = rf"(?:on {alt(DEMO_DAYS)}|every {alt(DEMO_EVERY)})"
     patterns = {}
-    for topic in ld4lg.DEMO_TOPICS:
-        w = ld4lg.demo_words(topic)
+    for topic in DEMO_TOPICS:
+        w = demo_words(topic)
         adj_v = [a for a in w["adj"] if a[0] in "aeiou"]
         adj_c = [a for a in w["adj"] if a[0] not in "aeiou"]
 
         def noun_phrase(kind, number, w=w, adj_v=adj_v, adj_c=adj_c):
             nouns = w[f"{kind}_{number}"]
-            dets = [d for d in ld4lg.DEMO_DET[number] if d != "a"]
+            dets = [d for d in DEMO_DET[number] if d != "a"]
             p = rf"{alt(dets)} (?:{alt(w['adj'])} )?{alt(nouns)}"
             if number == "sg":  # a/an agrees with the word right after it
                 n_v = [n for n in nouns if n[0] in "aeiou"]
@@ -59,9 +184,9 @@ def _demo_patterns():
         obj = f"(?:{noun_phrase('obj', 'sg')}|{noun_phrase('obj', 'pl')})"
         bodies = []
         for number in ("sg", "pl"):
-            vp = rf"{alt(w[f'verb_{number}'])} {obj}(?: {alt(ld4lg.DEMO_ADV)})?"
+            vp = rf"{alt(w[f'verb_{number}'])} {obj}(?: {alt(DEMO_ADV)})?"
             bodies.append(rf"{noun_phrase('noun', number)} {vp}(?: and {vp})?")
-        place = rf"(?: {alt(ld4lg.DEMO_PREP)} the(?: {alt(w['adj'])})? {alt(w['site'])})?"
+        place = rf"(?: {alt(DEMO_PREP)} the(?: {alt(w['adj'])})? {alt(w['site'])})?"
         body = rf"(?:{'|'.join(bodies)}){place}"
         patterns[topic] = re.compile(rf"(?:{when}, {body}|{body}(?: {when})?)\.")
     return patterns
@@ -145,7 +270,7 @@ def load_featurizer(name, device):
         return None
 
     @torch.no_grad()
-    def featurize(texts):
+    def featurize(texts):  # truncated at 256 tokens, as the official evaluation (§11)
         feats = []
         for t in texts:
             ids = tok(t, return_tensors="pt", truncation=True, max_length=256)["input_ids"]
@@ -160,11 +285,8 @@ def mauve_score(featurize, p_texts, q_texts, seed=25):
     import mauve
 
     p, q = featurize(p_texts), featurize(q_texts)
-    return float(
-        mauve.compute_mauve(
-            p_features=p, q_features=q, device_id=-1, verbose=False, seed=seed
-        ).mauve
-    )
+    out = mauve.compute_mauve(p_features=p, q_features=q, device_id=-1, verbose=False, seed=seed)
+    return float(out.mauve)
 
 
 @torch.no_grad()
@@ -173,12 +295,10 @@ def perplexity(lm, tok, texts, device):
     exp of the token-weighted NLL). BOS is prepended so that the first word counts."""
     per_text, nll, count = [], 0.0, 0
     for t in texts:
-        ids = tok((tok.bos_token or "") + t, return_tensors="pt", truncation=True, max_length=1024)[
-            "input_ids"
-        ].to(device)
+        ids = tok((tok.bos_token or "") + t, return_tensors="pt", truncation=True)["input_ids"]
         if ids.shape[1] < 2:
             continue
-        loss = float(lm(ids, labels=ids).loss)  # mean over the ids.shape[1] - 1 predictions
+        loss = float(lm(ids.to(device), labels=ids.to(device)).loss)  # mean over n - 1 tokens
         per_text.append(math.exp(loss))
         nll, count = nll + loss * (ids.shape[1] - 1), count + ids.shape[1] - 1
     return float(np.mean(per_text)), math.exp(nll / max(count, 1))
@@ -199,7 +319,7 @@ def demo_metrics(texts, train_texts, labels=None, sources=None):
     m = dict(valid=len(valid) / len(texts), distinct=len(set(texts)) / len(texts))
     m["novelty"] = sum(t not in train for t in valid) / max(len(valid), 1)
     if labels is not None:
-        names = list(ld4lg.DEMO_TOPICS)
+        names = list(DEMO_TOPICS)
         m["topic_acc"] = float(np.mean([k == names[y] for k, y in zip(topics, labels)]))
     if sources is not None:
         m["slot_acc"] = float(np.mean([demo_slots_ok(t, s) for t, s in zip(texts, sources)]))
@@ -209,10 +329,8 @@ def demo_metrics(texts, train_texts, labels=None, sources=None):
 def rouge_metrics(hyps, refs):
     """ROUGE-1/2/L F1 × 100 (rouge-score), best reference per text."""
     scores = [ld4lg.rouge(h, r) for h, r in zip(hyps, refs)]
-    return {
-        f"rouge_{k[5:].lower()}": 100 * float(np.mean([s[k] for s in scores]))
-        for k in ("rouge1", "rouge2", "rougeL")
-    }
+    names = dict(rouge_1="rouge1", rouge_2="rouge2", rouge_l="rougeL")
+    return {k: 100 * float(np.mean([s[n] for s in scores])) for k, n in names.items()}
 
 
 def mean_std(rows):
@@ -223,25 +341,22 @@ def mean_std(rows):
 
 
 COLUMNS = "mauve perplexity diversity memorization valid distinct novelty topic_acc slot_acc"
-COLUMNS = (COLUMNS + " mbr_slot_acc rouge_1 rouge_2 rouge_l mbr_rouge_l oracle_rouge_l").split()
-COLUMNS.append("total_s_per_1000")
+COLUMNS += " mbr_slot_acc rouge_1 rouge_2 rouge_l mbr_rouge_l oracle_rouge_l total_s_per_1000"
 
 
 def markdown_table(named_rows, featurizer):
     """Table 2's shape: a row per system, mean ± std over seeds; MAUVE names its features."""
-    cols = [c for c in COLUMNS if any(c in r for _, r in named_rows)]
+    cols = [c for c in COLUMNS.split() if any(c in r for _, r in named_rows)]
     head = [f"MAUVE ({featurizer})" if c == "mauve" else c for c in cols]
     lines = ["| system | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
 
-    def cell(r, c):
-        if c not in r:
-            return ""
-        if r[c] is None:
+    def cell(v):
+        if v is None:
             return "missing"
-        return f"{r[c][0]:.3f} ± {r[c][1]:.3f}" if isinstance(r[c], tuple) else f"{r[c]:.3f}"
+        return f"{v[0]:.3f} ± {v[1]:.3f}" if isinstance(v, tuple) else f"{v:.3f}"
 
     for name, r in named_rows:
-        lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(r[c]) if c in r else "" for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -254,15 +369,25 @@ def plot_sweep(sweep, xlabel, path):
     xs = list(sweep)
     with ld4lg.figure(path) as ax:
         for key in ("mauve", "valid", "topic_acc", "slot_acc", "diversity", "rouge_l"):
-            ys = [sweep[x].get(key) for x in xs]
-            if all(y is not None for y in ys):
-                ys = [y / 100 if key.startswith("rouge") else y for y in ys]
-                ax.plot(xs, ys, marker="o", label=key)
+            if None not in (ys := [sweep[x].get(key) for x in xs]):
+                ax.plot(xs, [y / 100 if key == "rouge_l" else y for y in ys], "o-", label=key)
         ax.set(xlabel=xlabel, ylabel="metric")
         ax.legend(loc="lower left")
         ax2 = ax.twinx()
-        ax2.plot(xs, [sweep[x]["total_s_per_1000"] for x in xs], "k--", marker="s")
+        ax2.plot(xs, [sweep[x]["total_s_per_1000"] for x in xs], "ks--")
         ax2.set(ylabel="seconds per 1000 samples (dashed)")
+
+
+def score_texts(args, featurize, ppl):
+    """`--samples FILE --references FILE`: any system's texts, no run needed."""
+    texts = ld4lg.read_texts(args.samples, "--samples")
+    refs = ld4lg.read_texts(args.references, "--references")
+    train = ld4lg.read_texts(args.train_file, "--train_file") if args.train_file else refs
+    m = text_metrics(texts, refs[: len(texts)], train, featurize, ppl)
+    print(markdown_table([(os.path.basename(args.samples), m)], args.featurizer))
+    report = dict(metrics=m, featurizer=args.featurizer, references=args.references)
+    ld4lg.write_json(os.path.splitext(args.samples)[0] + ".eval.json", report)
+    return m
 
 
 def cmd_eval(args):
@@ -276,27 +401,21 @@ def cmd_eval(args):
     if args.ppl_model and args.ppl_model != "none":
         try:
             lm, tok = load_causal_lm(args.ppl_model, device)
-            ppl = lambda texts: perplexity(lm, tok, texts, device)  # noqa: E731
+            ppl = lambda texts: perplexity(lm, tok, texts, device)
         except UserError as e:
             print(f"perplexity skipped: {e}", file=sys.stderr)
-    if args.samples:  # texts from any system: no run needed
-        texts = ld4lg.read_texts(args.samples, "--samples")
-        refs = ld4lg.read_texts(args.references, "--references")
-        train = ld4lg.read_texts(args.train_file, "--train_file") if args.train_file else refs
-        m = text_metrics(texts, refs[: len(texts)], train, featurize, ppl)
-        print(markdown_table([(os.path.basename(args.samples), m)], args.featurizer))
-        report = dict(metrics=m, featurizer=args.featurizer, references=args.references)
-        ld4lg.write_json(os.path.splitext(args.samples)[0] + ".eval.json", report)
-        return m
+    if args.samples:
+        return score_texts(args, featurize, ppl)
     cfg = ld4lg.load_config(ld4lg.DiffConfig, args.run_dir)[0]
     if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
         raise UserError("--guidance_sweep needs a class-conditional or seq2seq model")
-    data, n, demo = ld4lg.load_data(cfg), args.num_samples, cfg.data == "demo"
+    data, n = ld4lg.load_data(cfg), args.num_samples
+    demo = os.path.basename(cfg.data).startswith("demo")  # the grammar corpus: exact checks
     train_texts, test = data["train"].texts, data["test"]
     # random rows in file order: the first n rows of a sorted file (E2E) hold few sources
     pick = sorted(random.Random(0).sample(range(len(test.texts)), min(n, len(test.texts))))
     held = refs = [test.texts[i] for i in pick]
-    sources, labels = None, None
+    sources = labels = None
     if cfg.seq2seq:  # one sample per distinct source, scored against all of its references
         groups = {}
         for src, ref in zip(test.sources, test.texts):
@@ -306,23 +425,18 @@ def cmd_eval(args):
     if cfg.class_cond:
         labels = [i % cfg.num_classes for i in range(n)]
     settings = ld4lg.sample_settings(args)
+    settings["candidates"] = args.candidates if cfg.seq2seq else 1
     if args.steps and len(args.steps) == 1:
         settings["sample_steps"] = args.steps[0]
-    run = ld4lg.load_run(args.run_dir, device, args.compile, True, sources, **settings)
-    candidates = args.candidates if cfg.seq2seq else 1
+    load = lambda decoder: ld4lg.load_run(
+        args.run_dir, device, args.compile, decoder, sources, **settings
+    )
+    run = load(args.decoder)
 
     def run_once(seed, run=run, control="", **overrides):
         run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, **overrides))
-        rows, clock = ld4lg.sample_rows(
-            run,
-            n,
-            seed,
-            labels,
-            sources,
-            sources and refs,
-            candidates,
-            random_latents=control == "_random",
-        )
+        run.random_latents = control == "_random"
+        rows, clock = ld4lg.sample_rows(run, n, seed, labels, sources, sources and refs)
         rows = list(rows)
         single = [r.get("single", r["text"]) for r in rows]
         first_refs = [r if isinstance(r, str) else r[0] for r in refs]
@@ -330,13 +444,12 @@ def cmd_eval(args):
         m.update(demo_metrics(single, train_texts, labels, sources) if demo else {})
         if cfg.seq2seq:
             m.update(rouge_metrics(single, refs))
-            if candidates > 1:
+            if run.candidates > 1:
                 mbr = [r["text"] for r in rows]
                 m["mbr_rouge_l"] = rouge_metrics(mbr, refs)["rouge_l"]
                 m["oracle_rouge_l"] = rouge_metrics([r["oracle"] for r in rows], refs)["rouge_l"]
                 if demo:
-                    ok = [demo_slots_ok(t, s) for t, s in zip(mbr, sources)]
-                    m["mbr_slot_acc"] = float(np.mean(ok))
+                    m["mbr_slot_acc"] = float(np.mean(list(map(demo_slots_ok, mbr, sources))))
         m.update(ld4lg.timing_summary(clock))
         c = run.cfg
         name = f"samples_seed{seed}_steps{c.sample_steps}_w{c.guidance}_t{c.temperature:g}"
@@ -347,7 +460,7 @@ def cmd_eval(args):
     c = run.cfg
     report = dict(featurizer=args.featurizer if featurize else None, num_samples=n)
     report.update(sampler=c.sampler, steps=c.sample_steps, guidance=c.guidance)
-    report["temperature"] = c.temperature
+    report.update(temperature=c.temperature, decoder=args.decoder)
     report["per_seed"] = per_seed = [run_once(s) for s in range(args.seeds)]
     # the paper's Reference row: held-out human texts scored as samples, MAUVE vs train texts
     others = random.Random(0).sample(train_texts, min(n, len(train_texts)))
@@ -356,14 +469,14 @@ def cmd_eval(args):
     named = [("Reference (test vs train texts)", report["reference"])]
     if per_seed:  # --seeds 0 runs only the sweeps
         report["model"] = mean_std(per_seed)
-        name = f"LD4LG ({c.sampler}, {c.sample_steps} steps, {args.seeds} seeds)"
+        decoder = ", fine-tuned decoder" if args.decoder else ""
+        name = f"LD4LG ({c.sampler}, {c.sample_steps} steps{decoder}, {args.seeds} seeds)"
         named.append((name, report["model"]))
     if args.controls and per_seed:  # what the decoder alone, or the AE's own decoder, gives
         report["control_random_latents"] = run_once(0, control="_random")
         named.append(("control: random latents, same decoder", report["control_random_latents"]))
-        if cfg.tune_decoder and not cfg.joint:
-            own = ld4lg.load_run(args.run_dir, device, args.compile, False, sources, **settings)
-            report["control_ae_decoder"] = run_once(0, run=own, control="_aedecoder")
+        if args.decoder:
+            report["control_ae_decoder"] = run_once(0, run=load(""), control="_aedecoder")
             named.append(("LD4LG read by the AE's own decoder", report["control_ae_decoder"]))
     if args.steps and len(args.steps) > 1:  # Table 11: quality vs sampling steps, wall-clock
         report["steps_sweep"] = {s: run_once(0, sample_steps=s) for s in args.steps}
@@ -375,26 +488,15 @@ def cmd_eval(args):
         path = os.path.join(args.run_dir, "guidance_sweep.png")
         plot_sweep(report["guidance_sweep"], "guidance w", path)
     report["table"] = table = markdown_table(named, report["featurizer"] or "missing")
-    name = "eval.json" if per_seed else "eval_sweep.json"
-    ld4lg.write_json(os.path.join(args.run_dir, name), report)
+    ld4lg.write_json(
+        os.path.join(args.run_dir, "eval.json" if per_seed else "eval_sweep.json"), report
+    )
     print(table)
     return report
 
 
 # ==========================================================================================
 # 4. Benchmark: random models of a preset's exact shapes; no weights or data needed
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A6000": 154.8, "4090": 165.2}
-
-
-def random_lm_like(cfg):
-    """A randomly initialised encoder-decoder shaped like cfg.lm (its config, by name)."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-    if cfg.lm.startswith("tiny"):
-        return ld4lg.tiny_lm(cfg.lm, cfg.tiny_vocab, cfg)
-    config = ld4lg.from_hub(AutoConfig.from_pretrained, cfg.lm, "model config")
-    return AutoModelForSeq2SeqLM.from_config(config)
 
 
 def timed(fn, repeats):
@@ -407,24 +509,28 @@ def timed(fn, repeats):
 
 
 def cmd_bench(args):
-    """Training steps/s of both stages, sampling seconds per 1000 and MFU for a preset; each
-    fast path can be switched off (--no_bf16, --no_fused, --no_compile) for its before/after."""
+    """Training steps/s of both stages and sampling seconds per 1000 for a preset; each fast
+    path can be switched off (--no_bf16, --no_fused, --no_compile) for its before/after."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers.modeling_outputs import BaseModelOutput
+
     device, bf16, fused = ld4lg.pick_device(args.device), not args.no_bf16, not args.no_fused
     compile = not args.no_compile and device.type == "cuda"
     acfg = ld4lg.make_config(ld4lg.AEConfig, args.preset)
     dcfg = ld4lg.make_config(ld4lg.DiffConfig, args.preset, batch_size=args.batch_size)
     torch.manual_seed(0)
-    lm = random_lm_like(acfg)
+    if acfg.lm.startswith("tiny"):  # a random LM of cfg.lm's shape (its config, by name)
+        lm = ld4lg.tiny_lm(acfg.lm, acfg.tiny_vocab, acfg)
+    else:
+        config = ld4lg.from_hub(AutoConfig.from_pretrained, acfg.lm, "model config")
+        lm = AutoModelForSeq2SeqLM.from_config(config)
     ae = ld4lg.LatentAutoencoder(lm, None, acfg).to(device).train()
     model = ld4lg.build_denoiser(dcfg, acfg).to(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
     res = dict(preset=args.preset, device=name, bf16=bf16 and ld4lg.fast_bf16(device))
     res.update(fused=fused and device.type == "cuda", compile=compile)
     res["denoiser_params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-
-    def rate(fn):  # calls per second
-        return round(1 / timed(fn, args.repeats), 2)
-
+    rate = lambda fn: round(1 / timed(fn, args.repeats), 2)  # calls per second
     # 1. denoiser training at the preset's batch: on cached latents, and encoding every batch
     opt = ld4lg.make_optimizer(model.named_parameters(), dcfg, device, fused)
     net = torch.compile(model) if compile else model
@@ -443,13 +549,6 @@ def cmd_bench(args):
 
     res["denoiser_steps_per_s"] = rate(denoiser_step)
     res["uncached_steps_per_s"] = rate(lambda: denoiser_step(True))
-    # model FLOPs: 6·N per latent for forward and backward, plus the self-conditioning forward
-    # (2·N) half the time; N counts the per-token matrices, not the per-sample time layers
-    per_token = [p for k, p in model.named_parameters() if not re.search("emb|time|ada", k)]
-    n_dense = sum(p.numel() for p in per_token if p.ndim == 2)
-    flops = (6 + dcfg.self_cond) * n_dense * dcfg.batch_size * acfg.num_latents
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), args.peak_tflops)
-    res["mfu"] = round(flops * res["denoiser_steps_per_s"] / (peak * 1e12), 4) if peak else None
     # 2. autoencoder training; a frozen LM's E(w) cached (cache_lm) skips its encoder
     opt_ae = ld4lg.make_optimizer(ae.named_parameters(), acfg, device, fused)
     ids, mask = ids[: acfg.batch_size], mask[: acfg.batch_size]
@@ -466,16 +565,15 @@ def cmd_bench(args):
     res["ae_steps_per_s"] = rate(ae_step)
     res["ae_cached_steps_per_s"] = rate(lambda: ae_step(h)) if h is not None else None
     # 3. sampling: a batch of 250 network calls, and a batch of beam search, per 1000 samples
-    from transformers.modeling_outputs import BaseModelOutput
-
     model.eval()
     ae.eval()
     zb = torch.randn(args.sample_batch, acfg.num_latents, acfg.d_ae, device=device)
     per_1000 = lambda fn, calls: round(1000 / len(zb) * calls * timed(fn, args.repeats), 1)
     with torch.no_grad(), ld4lg.autocast(device, bf16):
-        label = torch.zeros(len(zb), dtype=torch.long, device=device)
-        cond = dict(label=label) if dcfg.class_cond else {}
-        calls = lambda w: lambda: ld4lg.guided_model_fn(net, dcfg, cond, w)(zb, 0.5, zb)
+        cond = dict(label=torch.zeros(len(zb), dtype=torch.long, device=device))
+        cond = cond if dcfg.class_cond else {}
+        alpha = torch.tensor(0.5, device=device)
+        calls = lambda w: lambda: ld4lg.guided_model_fn(net, dcfg, cond, w)(zb, alpha, zb)
         res["diffusion_s_per_1000"] = per_1000(calls(1.0), 250)
         if dcfg.class_cond:  # (G3) w = 2: both passes in one batched call
             res["guided_s_per_1000"] = per_1000(calls(2.0), 250)
@@ -499,41 +597,36 @@ def cmd_bench(args):
 # 5. Command line
 
 
-def build_parser(bench=False):
-    if bench:
+def build_parser(command):
+    if command == "bench":
         b = argparse.ArgumentParser(prog="evaluate.py bench", description=cmd_bench.__doc__)
         b.add_argument("--preset", default="demo", help=f"one of {', '.join(ld4lg.PRESETS)}")
         b.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
         b.add_argument("--no_compile", action="store_true", help="eager denoiser on CUDA")
         b.add_argument("--no_bf16", action="store_true", help="float32 throughout")
         b.add_argument("--no_fused", action="store_true", help="for-each AdamW, not fused")
-        b.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+        b.add_argument("--repeats", type=int, default=5, help="timed repeats (mean)")
         b.add_argument("--batch_size", type=int, help="denoiser batch (default: the preset's)")
         b.add_argument("--sample_batch", type=int, default=250, help="latents per batch")
-        b.add_argument("--peak_tflops", type=float, default=0.0, help="peak for MFU if unknown")
         b.add_argument("--output", help="also write the results as JSON here")
         return b
+    if command == "demo-data":
+        d = argparse.ArgumentParser(
+            prog="evaluate.py demo-data", description=write_demo_data.__doc__
+        )
+        d.add_argument("folder", nargs="?", default="data/demo", help="folder to write")
+        return d
     e = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     e.add_argument("run_dir", nargs="?", help="run directory of `ld4lg.py train`")
     ld4lg.add_sample_flags(e)
-    ints, floats = (
-        (lambda v: [int(x) for x in v.split(",")]),
-        (lambda v: [float(x) for x in v.split(",")]),
-    )
+    ints = lambda v: [int(x) for x in v.split(",")]
+    floats = lambda v: [float(x) for x in v.split(",")]
     e.add_argument("--steps", type=ints, help="sampler steps; a list adds Table 11's sweep")
     e.add_argument("--seeds", type=int, default=5, help="sampling seeds (paper: 5); 0: sweeps")
     e.add_argument("--guidance_sweep", type=floats, help="a list of w, e.g. 0,1,2,3 (G3)")
-    e.add_argument(
-        "--no-controls",
-        dest="controls",
-        action="store_false",
-        help="skip the controls (random latents; the AE's own decoder)",
-    )
-    e.add_argument(
-        "--featurizer",
-        default="gpt2-large",
-        help=f"MAUVE features: causal LM, sentence-embedding folder, {OFFLINE_FEATURIZER}",
-    )
+    e.add_argument("--no-controls", dest="controls", action="store_false", help="no controls")
+    text = f"MAUVE features: causal LM, sentence-embedding folder, {OFFLINE_FEATURIZER}"
+    e.add_argument("--featurizer", default="gpt2-large", help=text)
     e.add_argument("--ppl_model", default="gpt2-large", help="causal LM for perplexity, or none")
     e.add_argument("--samples", help="score this JSONL of {'text': ...} instead of a run")
     e.add_argument("--references", help="with --samples: reference texts (.txt or .jsonl)")
@@ -543,10 +636,13 @@ def build_parser(bench=False):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    bench = bool(argv) and argv[0] == "bench"
-    args = build_parser(bench).parse_args(argv[1:] if bench else argv)
+    command = argv[0] if argv and argv[0] in ("bench", "demo-data") else "eval"
+    args = build_parser(command).parse_args(argv[command != "eval" :])
     try:
-        (cmd_bench if bench else cmd_eval)(args)
+        if command == "demo-data":
+            write_demo_data(args.folder)
+        else:
+            (cmd_bench if command == "bench" else cmd_eval)(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

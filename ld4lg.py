@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import copy
 import csv
 import dataclasses
 import functools
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -59,7 +59,8 @@ class Interrupted(UserError):
 
 # String fields with a fixed set of values.
 CHOICES = dict(lm_mode=("freeze", "ft"), objective=("v", "eps", "x0"), loss=("l2", "l1"))
-CHOICES |= dict(t_sampling=("auto", "uniform", "adaptive"), sampler=("ddpm", "ddim", "dpmpp"))
+CHOICES |= dict(norm_latents=("auto", "on", "off"))
+CHOICES |= dict(t_sampling=("auto", "uniform", "adaptive"), sampler=("ddpm", "ddim"))
 
 
 def opt(default, help):
@@ -71,15 +72,19 @@ def opt(default, help):
 class TrainConfig:
     """Fields shared by both training stages."""
 
-    preset: str = opt("demo", "named set of overrides (see PRESETS)")
-    data: str = opt("demo", "'demo', a hub data set name, or a local file or folder")
+    preset: str = opt("", "named set of overrides (see PRESETS); '' = the paper's ROCStories")
+    data: str = opt("data/roc", "a local file or folder, or a hub data set NAME[:CONFIG]")
     text_column: str = opt("text", "column holding the target text")
     label_column: str = opt("", "column holding an integer class label (G1)")
+    label_offset: int = opt(0, "added to every label (AG News's classes 1-4: -1)")
     source_column: str = opt("", "column holding the source text (G2)")
-    train_split: str = opt("train", "split name for hub data sets")
-    eval_split: str = opt("", "hub split for validation/test ('' = carve from train)")
+    clean_text: bool = opt(False, "undo tokenized spacing (' .' -> '.'), as for AG News, XSum")
+    train_split: str = opt("train", "hub split for training")
+    val_split: str = opt("", "hub split for validation ('' = held out of train)")
+    test_split: str = opt("", "hub split for test ('' = held out of validation, or of train)")
+    num_eval: int = opt(1000, "texts held out, where a split is cut from another (§10)")
+    split_seed: int = opt(42, "seed of the held-out cuts (the official code's 42)")
     max_train: int = opt(0, "use at most this many training texts (0 = all)")
-    num_eval: int = opt(1000, "texts held out for validation, and again for test")
     max_len: int = opt(64, "maximum target length in tokens (paper: 64)")
     batch_size: int = opt(256, "global batch size")
     lr: float = opt(1e-4, "peak learning rate")
@@ -120,9 +125,11 @@ class AEConfig(TrainConfig):
     ae_heads: int = opt(12, "attention heads in both networks")
     enc_layers: int = opt(3, "compression (Perceiver) layers")
     dec_layers: int = opt(3, "reconstruction layers")
-    norm_latents: bool = opt(True, "(C3) rescale each latent to ‖x_i‖² = d_ae")
+    norm_latents: str = opt("auto", "(C3) ‖x_i‖² = d_ae: on | off | auto (BART on, T5 off)")
     latent_noise: float = opt(0.0, "(J4) std of noise on the latents the decoder reads")
-    cache_lm: bool = opt(True, "frozen LM: compute E(w) of the training set once (host, bf16)")
+    cache_lm: float = opt(8.0, "GB of host memory for a frozen LM's E(w) (bf16), then a file")
+    # (J4 in a two-stage model) fine-tune the decoder of a trained autoencoder on x + σε.
+    init_from: str = opt("", "an autoencoder run: its encoder frozen, its decoder trained")
 
 
 @dataclass
@@ -141,9 +148,8 @@ class DiffConfig(TrainConfig):
     self_cond: bool = opt(True, "(S1) self-conditioning with p = 0.5")
     class_cond: bool = opt(False, "(G1) condition on the label column")
     seq2seq: bool = opt(False, "(G2) condition on the source column by cross-attention")
-    source_encoder: str = opt("", "HF encoder for the source ('' = the autoencoder's LM)")
     max_source_len: int = opt(64, "maximum source length in tokens")
-    cache_sources: float = opt(8.0, "GB of host memory for cached source states (bf16)")
+    cache_sources: float = opt(8.0, "GB of host memory for the source states (bf16), then a file")
     cond_drop: float = opt(0.1, "(G1, G2) probability of the null class / source in training")
     ema_decay: float = opt(0.9999, "EMA of the weights; sampling uses the EMA")
     num_classes: int = opt(0, "C, set from the training labels when class_cond")
@@ -156,13 +162,8 @@ class DiffConfig(TrainConfig):
     mse_weight: float = opt(1.0, "(J1) weight of L_mse")
     ce_weight: float = opt(1.0, "(J1) weight of L_ce")
     decoder_noise: float = opt(0.1, "(J4) std of noise on the decoder's latents (joint)")
-    # (J4 in a two-stage model) the decoder fine-tuned on noised latents, before the denoiser.
-    tune_decoder: int = opt(0, "steps of decoder fine-tuning on x + σε (0 = off)")
-    tune_noise: float = opt(2.0, "σ of that fine-tuning")
-    tune_lr: float = opt(1e-3, "peak learning rate of that fine-tuning (batch 64)")
-    decoder: str = opt("", "its run directory ('' = OUT/decoder); a finished one is reused")
     # Defaults of `sample` (each also a flag of `sample`).
-    sampler: str = opt("ddpm", "ddpm | ddim | dpmpp")
+    sampler: str = opt("ddpm", "ddpm | ddim")
     sample_steps: int = opt(250, "sampling steps (paper: 250)")
     temperature: float = opt(1.0, "τ: scale of the DDPM step's fresh noise (D6; paper: 1)")
     guidance: float = opt(1.0, "guidance weight w (G3; paper: 2 for seq2seq)")
@@ -173,7 +174,7 @@ SEQ2SEQ = dict(seq2seq=True, loss="l1", guidance=2.0)  # (G2, D3) L1 loss, w = 2
 PRESETS = {
     # Offline demo: a tiny T5 and a BPE trained on the built-in grammar corpus; CPU minutes.
     "demo": dict(
-        ae=dict(data="demo", lm="tiny-t5", lm_mode="ft", max_len=32, num_eval=500)
+        ae=dict(data="data/demo", lm="tiny-t5", lm_mode="ft", max_len=32, norm_latents="on")
         | dict(num_latents=16, d_ae=32, ae_dim=128, ae_heads=4, enc_layers=2, dec_layers=2)
         | dict(batch_size=64, lr=1e-3, warmup=200, steps=1200, eval_every=400, weight_decay=0.0)
         | dict(latent_noise=0.5),
@@ -181,28 +182,30 @@ PRESETS = {
         # denoiser more at high noise, where it fails (probes in RESULTS.md).
         diff=dict(dim=128, depth=4, heads=4, skips=2, dropout=0.0, schedule_scale=0.5)
         | dict(batch_size=64, lr=3e-3, warmup=200, steps=14_000, eval_every=1000)
-        | dict(ema_decay=0.995, weight_decay=0.0, tune_decoder=4000, tune_noise=2.5),
+        | dict(ema_decay=0.995, weight_decay=0.0),
     ),
-    # The paper's recipes with BART-base (Tables 13-14).
-    "roc": dict(ae=dict(data="mintujupally/ROCStories"), diff=PAPER_DIFF),
-    "ag_news": dict(
-        ae=dict(data="fancyzhx/ag_news", label_column="label", eval_split="test"),
+    # The paper's recipes with BART-base (Tables 13-14), their data prepared as the official
+    # code does (the paper notes, §10). roc: Diffusion-LM's roc_train.json and roc_valid.json,
+    # whose first 1000 shuffled validation stories validate and the rest test: the defaults.
+    "roc": dict(ae={}, diff=PAPER_DIFF),
+    "ag_news": dict(  # descriptions only, labels 1-4 to 0-3, 1000 held out of train
+        ae=dict(data="pietrolesci/ag_news:original", text_column="description", test_split="test")
+        | dict(label_column="label", label_offset=-1, clean_text=True),
         diff=dict(PAPER_DIFF, class_cond=True),
     ),
-    "e2e": dict(
-        ae=dict(data="GEM/e2e_nlg", text_column="target", eval_split="validation")
-        | dict(source_column="meaning_representation"),
-        diff=dict(PAPER_DIFF, steps=50_000, **SEQ2SEQ),
-    ),
-    "xsum": dict(
+    "xsum": dict(  # the official splits; the source cut at 4 × the target length
         ae=dict(data="EdinburghNLP/xsum", text_column="summary", source_column="document")
-        | dict(eval_split="validation"),
-        diff=dict(PAPER_DIFF, max_source_len=512, **SEQ2SEQ),
+        | dict(val_split="validation", test_split="test", clean_text=True),
+        diff=dict(PAPER_DIFF, max_source_len=256, **SEQ2SEQ),
     ),
-    "qqp": dict(
-        ae=dict(data="glue:qqp", text_column="question2", source_column="question1")
-        | dict(eval_split="validation"),
+    "qqp": dict(  # DiffuSeq's paraphrase pairs: train.jsonl, valid.jsonl, test.jsonl (src, trg)
+        ae=dict(data="data/qqp", text_column="trg", source_column="src"),
         diff=dict(PAPER_DIFF, **SEQ2SEQ),
+    ),
+    "e2e": dict(  # not a paper experiment: E2E NLG's official splits, record → text
+        ae=dict(data="GEM/e2e_nlg", text_column="target", source_column="meaning_representation")
+        | dict(val_split="validation", test_split="test"),
+        diff=dict(PAPER_DIFF, steps=50_000, **SEQ2SEQ),
     ),
 }
 # The demo's conditional variants reuse the demo autoencoder; only the conditioning changes.
@@ -211,18 +214,23 @@ _class = dict(class_cond=True, label_column="label")
 _seq2seq = dict(source_column="source", steps=8800, temperature=0.5, **SEQ2SEQ)
 PRESETS["demo-class"] = dict(ae=_demo["ae"], diff=_demo["diff"] | _class)
 PRESETS["demo-seq2seq"] = dict(ae=_demo["ae"], diff=_demo["diff"] | _seq2seq)
+# (J4, two-stage) the demo autoencoder's decoder fine-tuned on x + σε: train-ae --init_from.
+_decoder = dict(steps=4000, lr=1e-3, warmup=100, eval_every=500, latent_noise=2.5)
+PRESETS["demo-decoder"] = dict(ae=_demo["ae"] | _decoder, diff=_demo["diff"])
 # Data fields: both stages read the same data, so `train` takes them from the preset's ae part.
-DATA_FIELDS = {"data", "text_column", "label_column", "source_column", "train_split"}
-DATA_FIELDS |= {"eval_split", "max_len", "num_eval", "max_train"}
+DATA_FIELDS = {"data", "text_column", "label_column", "label_offset", "source_column"}
+DATA_FIELDS |= {"clean_text", "train_split", "val_split", "test_split", "num_eval", "split_seed"}
+DATA_FIELDS |= {"max_train", "max_len"}
 
 
 def make_config(cls, preset, **overrides):
     """Resolve defaults ← preset ← overrides into a config of type `cls`."""
-    if preset not in PRESETS:
+    if preset and preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     names = {f.name for f in dataclasses.fields(cls)}
-    stage = PRESETS[preset].get("ae" if cls is AEConfig else "diff", {})
-    values = {k: v for k, v in PRESETS[preset]["ae"].items() if k in DATA_FIELDS}
+    parts = PRESETS.get(preset, dict(ae={}))
+    stage = parts.get("ae" if cls is AEConfig else "diff", {})
+    values = {k: v for k, v in parts["ae"].items() if k in DATA_FIELDS}
     values.update({k: v for k, v in stage.items() if k in names})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(preset=preset, **values)
@@ -242,17 +250,15 @@ def load_config(cls, run_dir, missing="{} is not a run directory (no config.json
 
 def pick_device(name="auto"):
     """The device a config or flag names; 'auto' prefers CUDA, then MPS, then the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "auto":
+        mps = torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    return torch.device(name)
 
 
 def fast_bf16(device):
     """bf16 pays on CUDA and on CPUs with bf16 dot products (AVX512-BF16)."""
-    cpu_bf16 = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
-    return device.type == "cuda" or cpu_bf16
+    return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
 
 
 def autocast(device, bf16=True):
@@ -260,6 +266,20 @@ def autocast(device, bf16=True):
     if bf16 and fast_bf16(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def process_rank():
+    """(rank, world size) of this process among torchrun's processes; (0, 1) alone."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def draw(fn, shape, generator, device, **kw):
+    """fn (torch.rand or torch.randn) for every row of the global batch, then this process's
+    rows of it (batch[rank::world]): the processes draw the same numbers from one seed, so a
+    run is the same on one process or eight, and resumes on any number of them."""
+    rank, world = process_rank()
+    return fn((shape[0] * world, *shape[1:]), generator=generator, device=device, **kw)[rank::world]
 
 
 @functools.cache
@@ -272,12 +292,10 @@ def hub_online(timeout=3.0):
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
-    try:
+    with contextlib.suppress(OSError):
         if not constants.HF_HUB_OFFLINE:
             socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
             return True
-    except OSError:
-        pass
     return False
 
 
@@ -292,112 +310,7 @@ def from_hub(load, name, what):
 
 
 # ==========================================================================================
-# 2. Data: the built-in demo corpus (a small exact grammar) and one loader for every source
-
-# The demo grammar. Sentence:  [TIME, ] SUBJ VP [and VP] [PLACE] [TIME].
-#   SUBJ = DET(n) [ADJ] NOUN(n), VP = VERB(n) DET(m) [ADJ] OBJ(m) [ADV],
-#   PLACE = PREP the [ADJ] SITE
-# with subject-verb and determiner-noun number agreement, a/an by the next word's first
-# letter, and all content words from one topic (the class label). The word lists avoid a/an
-# exceptions ("hour", "unique"), so the letter rule is exact; evaluate.py checks it as a regex.
-DEMO_TOPICS = {
-    "sports": dict(
-        noun="coach player athlete referee umpire fan captain goalkeeper runner swimmer",
-        verb="train watch kick throw catch chase win lose praise defend",
-        obj="ball match trophy medal race game goal opponent event award",
-        adj="young tired proud fast strong angry eager old excited loud",
-        site="stadium gym field court pool arena",
-    ),
-    "food": dict(
-        noun="chef cook baker waiter farmer butcher guest owner critic student",
-        verb="bake cook taste serve slice order eat prepare roast season",
-        obj="cake bread pie soup apple onion egg salad omelette pizza",
-        adj="hungry busy famous careful cheerful elegant ambitious nervous local polite",
-        site="kitchen bakery market restaurant cafe garden",
-    ),
-    "science": dict(
-        noun="scientist engineer chemist doctor professor robot inventor astronaut analyst nurse",
-        verb="study measure design test build repair observe examine improve launch",
-        obj="sample engine rocket experiment atom instrument satellite microscope device orbit",
-        adj="clever patient curious precise brilliant independent expert innovative calm modest",
-        site="lab laboratory observatory hospital factory office",
-    ),
-    "music": dict(
-        noun="singer drummer pianist guitarist violinist composer dancer artist listener conductor",
-        verb="play sing record perform write hear compose rehearse love enjoy",
-        obj="song melody album anthem opera tune chord rhythm instrument encore",
-        adj="talented gifted shy joyful emotional graceful energetic adventurous lively original",
-        site="theater studio hall club church concert",
-    ),
-}
-DEMO_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-DEMO_EVERY = "morning evening night weekend summer winter".split()
-DEMO_ADV = "quickly slowly happily carefully again often eagerly quietly".split()
-DEMO_PREP = "in at near behind outside".split()
-DEMO_DET = dict(
-    sg="the this that every a".split(), pl="the these those some many two three several".split()
-)
-IRREGULAR = {"trophy": "trophies", "study": "studies"}  # the rest take -s or -es
-
-
-def inflect(words):
-    """Plural nouns and third-person verbs share one -s / -es rule."""
-    es = ("ch", "sh", "s", "x")
-    return [IRREGULAR.get(w, w + ("es" if w.endswith(es) else "s")) for w in words]
-
-
-def demo_words(topic):
-    """A topic's word lists, inflected: noun_sg/pl, verb_sg/pl, obj_sg/pl, adj, site."""
-    w = {k: v.split() for k, v in DEMO_TOPICS[topic].items()}
-    w.update(noun_sg=w["noun"], noun_pl=inflect(w["noun"]), obj_sg=w["obj"])
-    w.update(verb_pl=w["verb"], verb_sg=inflect(w["verb"]), obj_pl=inflect(w["obj"]))
-    return w
-
-
-def demo_sentence(rng: random.Random, topic: str):
-    """One random sentence of a topic and its slot record (the seq2seq source)."""
-    w = demo_words(topic)
-
-    def noun_phrase(kind, number):  # DET [ADJ] NOUN with number and a/an agreement
-        noun = rng.choice(w[f"{kind}_{number}"])
-        adj = rng.choice(w["adj"]) if rng.random() < 0.5 else None
-        det = rng.choice(DEMO_DET[number])
-        if det == "a":
-            det = "an" if (adj or noun)[0] in "aeiou" else "a"
-        return " ".join(x for x in (det, adj, noun) if x), noun
-
-    number = rng.choice(["sg", "pl"])
-    subject, noun = noun_phrase("noun", number)
-    slots = {"subject": noun}
-    verb_phrases = []
-    for i in range(1 + (rng.random() < 0.3)):  # an optional second verb phrase, after "and"
-        verb = rng.choice(w[f"verb_{number}"])
-        obj, obj_noun = noun_phrase("obj", rng.choice(["sg", "pl"]))
-        adv = " " + rng.choice(DEMO_ADV) if rng.random() < 0.3 else ""
-        verb_phrases.append(f"{verb} {obj}{adv}")
-        slots[f"verb{i + 1}" if i else "verb"] = verb
-        slots[f"object{i + 1}" if i else "object"] = obj_noun
-    body = f"{subject} {' and '.join(verb_phrases)}"
-    if rng.random() < 0.6:
-        site = rng.choice(w["site"])
-        adj = " " + rng.choice(w["adj"]) if rng.random() < 0.3 else ""
-        body += f" {rng.choice(DEMO_PREP)} the{adj} {site}"
-        slots["place"] = site
-    r = rng.random()  # the time phrase goes first (a quarter), last (a quarter) or nowhere
-    when = None
-    if r < 0.5:
-        when = rng.choice([f"on {rng.choice(DEMO_DAYS)}", f"every {rng.choice(DEMO_EVERY)}"])
-        slots["time"] = when.split()[-1]
-    text = f"{when}, {body}." if r < 0.25 else f"{body} {when}." if when else f"{body}."
-    # "verb: catch", not "verb[catch]": a slot word keeps its BPE tokens
-    source = ", ".join(f"{k}: {v}" for k, v in slots.items())
-    return text[0].upper() + text[1:], source
-
-
-def demo_corpus(n: int, seed: int):
-    """n (text, source, label) rows; topics cycle so the classes are balanced."""
-    rng, topics = random.Random(seed), list(DEMO_TOPICS)
-    return [(*demo_sentence(rng, topics[i % 4]), i % 4) for i in range(n)]
+# 2. Data: one loader for local files, folders of splits, and hub data sets
 
 
 @dataclass
@@ -445,105 +358,122 @@ def read_texts(path, what):
     return [str(r["text"]).strip() for r in read_rows(path) if str(r.get("text", "")).strip()]
 
 
+SPLIT_NAMES = dict(train="train", valid="val", dev="val", validation="val", test="test")
+
+
+def split_files(folder):
+    """{split: file} of a folder of train / valid (dev, validation) / test files; a prefix
+    before '_' is allowed (Diffusion-LM's roc_train.json)."""
+    found = {}
+    for f in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(f)
+        if ext in DATA_EXTENSIONS and stem.split("_")[-1] in SPLIT_NAMES:
+            found[SPLIT_NAMES[stem.split("_")[-1]]] = os.path.join(folder, f)
+    return found
+
+
+def load_hub(cfg: TrainConfig, path):
+    """{split: rows} of a hub data set NAME[:CONFIG] (or a local folder in the hub's layout).
+    A set that still ships a loading script (which datasets 4 and later refuse) is read from
+    the hub's automatic Parquet conversion (the paper notes, §10)."""
+    import datasets
+
+    name, _, config = path.partition(":")
+    try:
+        try:
+            ds = datasets.load_dataset(name, config or None)
+        except Exception as e:
+            if "script" not in str(e).lower():
+                raise
+            ds = datasets.load_dataset(name, config or None, revision="refs/convert/parquet")
+        names = dict(train=cfg.train_split, val=cfg.val_split, test=cfg.test_split)
+        return {k: list(ds[split]) for k, split in names.items() if split}
+    except Exception as e:
+        reason = str(e).splitlines()[0][:200]
+        raise UserError(f"cannot load data set '{path}' ({reason}); a local file or folder works")
+
+
 def load_rows(cfg: TrainConfig):
-    """{split name: rows} for cfg.data: 'all' (to be carved), or 'train' with 'val' / 'test'."""
-    if cfg.data == "demo":  # a fixed corpus; cfg.seed only shuffles it
-        rows = demo_corpus(20_000 + 2 * cfg.num_eval, seed=1234)
-        return {"all": [dict(text=t, source=s, label=y) for t, s, y in rows]}
-    if os.path.isdir(cfg.data):  # a folder of train.* and optionally dev/validation.* and test.*
-        found = {}
-        for f in sorted(os.listdir(cfg.data)):
-            stem, ext = os.path.splitext(f)
-            if ext in DATA_EXTENSIONS:
-                found[{"dev": "val", "validation": "val"}.get(stem, stem)] = f
-        if "train" not in found:
-            raise UserError(f"data directory {cfg.data} has no train.txt/.jsonl/.csv/.json")
-        names = [k for k in ("train", "val", "test") if k in found]
-        return {k: read_rows(os.path.join(cfg.data, found[k])) for k in names}
+    """{split: rows} for cfg.data: 'all' (a single file), or 'train' with 'val' and/or 'test'."""
     if os.path.isfile(cfg.data):
         return {"all": read_rows(cfg.data)}
-    if cfg.data.endswith(DATA_EXTENSIONS) or cfg.data.startswith((".", "/")):
-        raise UserError(f"data file not found: {cfg.data}")
+    if os.path.isdir(cfg.data) and (files := split_files(cfg.data)):
+        if "train" not in files:
+            raise UserError(f"data directory {cfg.data} has no train.txt/.jsonl/.csv/.json")
+        return {k: read_rows(f) for k, f in files.items()}
+    if os.path.isdir(cfg.data.partition(":")[0]):  # a local copy in the hub's layout
+        return load_hub(cfg, cfg.data)
+    if cfg.data.endswith(DATA_EXTENSIONS) or cfg.data.startswith((".", "/", "data/")):
+        hint = (
+            " (write the demo's with: python evaluate.py demo-data)" if "demo" in cfg.data else ""
+        )
+        raise UserError(f"data file or folder not found: {cfg.data}{hint}")
     if not hub_online():
         raise UserError(f"data set '{cfg.data}': the hub is unreachable (a local file works)")
-    try:
-        import datasets
-
-        name, _, subset = cfg.data.partition(":")
-        ds = datasets.load_dataset(name, subset or None)
-        rows = {"train": list(ds[cfg.train_split])}
-        if cfg.eval_split:
-            rows["eval"] = list(ds[cfg.eval_split])
-        return rows
-    except Exception as e:
-        raise UserError(f"cannot load data set '{cfg.data}': {str(e).splitlines()[0][:200]}")
+    return load_hub(cfg, cfg.data)
 
 
 MAX_CHARS_PER_TOKEN = 100  # a text longer than this many characters per token is a format error
 
 
+def to_split(cfg: TrainConfig, rows):
+    """The text, label and source columns of rows, without rows of empty text."""
+    if not rows:
+        raise UserError(f"data set '{cfg.data}' is empty")
+    for col in filter(None, (cfg.text_column, cfg.label_column, cfg.source_column)):
+        if col not in rows[0]:
+            columns = ", ".join(map(str, rows[0]))
+            raise UserError(f"data '{cfg.data}' has no column '{col}' (columns: {columns})")
+    from transformers import PreTrainedTokenizerBase
+
+    clean = lambda t: t
+    if cfg.clean_text:  # the official preparation's cleanup (a method that reads no state)
+        clean = functools.partial(PreTrainedTokenizerBase.clean_up_tokenization, None)
+    split = Split([clean(str(r[cfg.text_column]).strip()) for r in rows])
+    if cfg.label_column:
+        try:
+            split.labels = [int(r[cfg.label_column]) + cfg.label_offset for r in rows]
+        except (TypeError, ValueError):
+            raise UserError(f"column '{cfg.label_column}' must hold integer class labels")
+    if cfg.source_column:
+        split.sources = [clean(str(r[cfg.source_column]).strip()) for r in rows]
+    keep = [i for i, t in enumerate(split.texts) if t]  # empty lines carry no text to learn
+    if not keep:
+        raise UserError(f"'{cfg.data}' has no non-empty text in column '{cfg.text_column}'")
+    if max(map(len, split.texts)) > MAX_CHARS_PER_TOKEN * cfg.max_len:  # not one text per line
+        raise UserError(f"a text of '{cfg.data}' is far over --max_len {cfg.max_len} tokens")
+    return split.take(keep)
+
+
 def load_data(cfg: TrainConfig):
-    """Train/validation/test Splits for cfg.data; carved splits are deterministic from cfg.seed."""
-    splits = load_rows(cfg)
-    for rows in splits.values():
-        if not rows:
-            raise UserError(f"data set '{cfg.data}' is empty")
-        for col in filter(None, (cfg.text_column, cfg.label_column, cfg.source_column)):
-            if col not in rows[0]:
-                columns = ", ".join(map(str, rows[0]))
-                raise UserError(f"data '{cfg.data}' has no column '{col}' (columns: {columns})")
+    """Train/validation/test Splits of cfg.data. A split that the data lacks is cut, as the
+    official code cuts it (§10), from a permutation by split_seed (the one `datasets` draws
+    for its shuffles): validation from train; test from validation (ROCStories); both from
+    a single file."""
+    splits = {k: to_split(cfg, rows) for k, rows in load_rows(cfg).items()}
 
-    def to_split(rows):
-        texts = [str(r[cfg.text_column]).strip() for r in rows]
-        labels = sources = None
-        if cfg.label_column:
-            try:
-                labels = [int(r[cfg.label_column]) for r in rows]
-            except (TypeError, ValueError):
-                raise UserError(f"column '{cfg.label_column}' must hold integer class labels")
-        if cfg.source_column:
-            sources = [str(r[cfg.source_column]).strip() for r in rows]
-        keep = [i for i, t in enumerate(texts) if t]  # empty lines carry no text to learn
-        if not keep:
-            raise UserError(f"'{cfg.data}' has no non-empty text in column '{cfg.text_column}'")
-        longest = max(len(texts[i]) for i in keep)
-        if longest > MAX_CHARS_PER_TOKEN * cfg.max_len:  # truncation would discard nearly all
-            raise UserError(
-                f"a text of '{cfg.data}' has {longest} characters, far over --max_len "
-                f"{cfg.max_len} tokens: is the file one text per line?"
-            )
-        return Split(texts, labels, sources).take(keep)
-
-    g = random.Random(cfg.seed)
-
-    def shuffled(split):
-        idx = list(range(len(split.texts)))
-        g.shuffle(idx)
-        return idx
-
-    def carve(split, parts):
-        """Shuffle and cut `parts` held-out pieces of num_eval texts off the front."""
-        idx = shuffled(split)
-        n = min(cfg.num_eval, len(idx) // 10)  # never more than a tenth each of a small set
+    def cut(split, parts):  # `parts` pieces of num_eval texts, then the rest
+        idx = np.random.default_rng(cfg.split_seed).permutation(len(split.texts)).tolist()
+        n = min(cfg.num_eval, len(idx) // (parts + 1))  # at most an even share of a small set
         if n == 0:
             raise UserError(f"'{cfg.data}' is too small ({len(idx)} texts) to hold out texts")
         pieces = [idx[i * n : (i + 1) * n] for i in range(parts)] + [idx[parts * n :]]
         return [split.take(p) for p in pieces]
 
-    train = to_split(splits.pop("train", None) or splits.pop("all"))
-    if "eval" in splits:  # a hub set with one held-out split: half validation, half test
-        held = to_split(splits["eval"])
-        idx = shuffled(held)
-        val, test = held.take(idx[: len(idx) // 2]), held.take(idx[len(idx) // 2 :])
-    elif "test" in splits:  # split files: the given test set stays whole
-        test = to_split(splits["test"])
-        val, train = (to_split(splits["val"]), train) if "val" in splits else carve(train, 1)
+    train = splits.get("train") or splits["all"]
+    if "val" in splits and "test" in splits:
+        val, test = splits["val"], splits["test"]
+    elif "val" in splits:
+        val, test = cut(splits["val"], 1)
+    elif "test" in splits:
+        val, train = cut(train, 1)
+        test = splits["test"]
     else:
-        val, test, train = carve(train, 2)
+        val, test, train = cut(train, 2)
     if cfg.max_train:
         train = train.take(range(min(cfg.max_train, len(train.texts))))
     if train.labels is not None and min(train.labels) < 0:
-        raise UserError(f"labels must be 0..C-1; found {min(train.labels)}")
+        raise UserError(f"labels must be 0..C-1; found {min(train.labels)} (see --label_offset)")
     return dict(train=train, val=val, test=test)
 
 
@@ -654,10 +584,6 @@ class Attention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
-def feed_forward(dim, mult=4):
-    return nn.Sequential(nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim))
-
-
 class Block(nn.Module):
     """Pre-LN block: qk-norm attention, GELU feed-forward. mode 'self': x attends to x;
     'cross': to a context; 'both': to [x ; context] (the Perceiver layer of C1)."""
@@ -667,16 +593,13 @@ class Block(nn.Module):
         self.mode = mode
         self.ln, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.ln_ctx = nn.LayerNorm(dim) if mode != "self" else None
-        self.ln_ff, self.ff = nn.LayerNorm(dim), feed_forward(dim)
+        self.ln_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x, context=None, mask=None):
         q = self.ln(x)
-        if self.mode == "self":
-            kv = q
-        elif self.mode == "cross":
-            kv = self.ln_ctx(context)
-        else:
-            kv = torch.cat([q, self.ln_ctx(context)], 1)
+        kv = q if self.mode == "self" else self.ln_ctx(context)
+        kv = torch.cat([q, kv], 1) if self.mode == "both" else kv
         x = x + self.attn(q, kv, mask)
         return x + self.ff(self.ln_ff(x))
 
@@ -689,7 +612,7 @@ def on_sphere(x):
 class Compressor(nn.Module):
     """(C1-C3) f_φ: ℓ learned queries read the LM encoder states into ℓ × d_ae latents."""
 
-    def __init__(self, d_lm, cfg: AEConfig):
+    def __init__(self, d_lm, cfg: AEConfig, c3=True):
         super().__init__()
         d = cfg.ae_dim
         self.queries = nn.Parameter(torch.randn(cfg.num_latents, d) * 0.02)  # Z ∈ R^{ℓ×d}
@@ -697,7 +620,7 @@ class Compressor(nn.Module):
         self.pos = nn.Parameter(torch.randn(cfg.max_len, d) * 0.02)  # (C1) added to E(w)
         self.layers = nn.ModuleList(Block(d, cfg.ae_heads, "both") for _ in range(cfg.enc_layers))
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.d_ae))  # (C2) to d_ae
-        self.norm_latents = cfg.norm_latents
+        self.c3 = c3
 
     def forward(self, h, mask):  # h: (B, L, d_lm) LM encoder states, mask: (B, L)
         h = self.in_proj(h) + self.pos[: h.shape[1]]
@@ -707,7 +630,7 @@ class Compressor(nn.Module):
         for layer in self.layers:
             z = layer(z, h, kv_mask)  # (C1) Z += MHA(Z, [Z; E(w)]), Z += FF(Z)
         x = self.out(z)  # (B, ℓ, d_ae)
-        return on_sphere(x) if self.norm_latents else x
+        return on_sphere(x) if self.c3 else x
 
 
 class Reconstructor(nn.Module):
@@ -751,7 +674,11 @@ class LatentAutoencoder(nn.Module):
         super().__init__()
         self.lm, self.tok, self.cfg = lm, tok, cfg
         d_lm = lm.config.d_model
-        self.compressor = Compressor(d_lm, cfg)
+        # (C3) on for BART, off for T5, as in the paper, unless --norm_latents says otherwise
+        self.c3 = cfg.norm_latents == "on" or (
+            cfg.norm_latents == "auto" and lm.config.model_type != "t5"
+        )
+        self.compressor = Compressor(d_lm, cfg, self.c3)
         self.reconstructor = Reconstructor(d_lm, cfg)
         self.lm.requires_grad_(cfg.lm_mode == "ft")
         self.save_lm = cfg.lm_mode == "ft"  # a frozen pretrained LM reloads by name
@@ -761,8 +688,10 @@ class LatentAutoencoder(nn.Module):
         return {k: v for k, v in state.items() if self.save_lm or not k.startswith("lm.")}
 
     def lm_states(self, ids, mask):
-        """E(w). A frozen LM's encoder is a fixed function: no dropout, no gradient."""
-        frozen = self.cfg.lm_mode == "freeze"
+        """E(w). A frozen LM's encoder is a fixed function: no dropout, no gradient, so that E(w)
+        can be computed once. The official code runs the whole frozen LM in training mode (its
+        encoder under no_grad): its decoder's dropout stays on while g_φ trains, as here."""
+        frozen = self.cfg.lm_mode == "freeze" or bool(self.cfg.init_from)
         encoder = self.lm.get_encoder().train(self.training and not frozen)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             return encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -777,13 +706,21 @@ class LatentAutoencoder(nn.Module):
         labels = ids.masked_fill(~mask, -100)  # padding is not a target
         out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=h), labels=labels)
         hit = (out.logits.argmax(-1) == labels) & mask
-        return out.loss, hit.sum() / mask.sum()
+        loss, world = out.loss, process_rank()[1]
+        if world > 1 and torch.is_grad_enabled():  # in training, under torchrun: each process's
+            # mean reweighted by its token count, so that DDP's average of the gradients is the
+            # mean over every token of the global batch, as on one process
+            n = mask.sum().float()
+            total = n.clone()
+            torch.distributed.all_reduce(total)
+            loss = loss * n * world / total
+        return loss, hit.sum() / mask.sum()
 
     def noised(self, x, std, generator=None):
         """(J4) noise on the latents the decoder reads, in training only."""
         if not (self.training and std):
             return x
-        return x + std * torch.randn(x.shape, device=x.device, generator=generator)
+        return x + std * draw(torch.randn, x.shape, generator, x.device)
 
     def forward(self, ids, mask, generator=None, h=None):  # h: E(w) when cached (frozen LM)
         h = self.lm_states(ids, mask) if h is None else h
@@ -898,6 +835,8 @@ class Denoiser(nn.Module):
         drop_context: (B,) True where the source is replaced by the null embedding (G2)."""
         if x_self is None:
             x_self = self.null_self_cond.expand_as(z_t)
+        else:  # ∅ in the graph with zero weight: every parameter in every step (DDP)
+            x_self = x_self + 0 * self.null_self_cond
         temb = self.time_mlp(sinusoidal(alpha, self.pos.shape[1]))  # (T1) embeds α_t, not t
         if self.class_emb is not None:
             if label is None:
@@ -967,6 +906,9 @@ class AdaptiveTime(nn.Module):
         idx = (t * self.bins).long().clamp(max=self.bins - 1)
         total = torch.zeros_like(self.loss).index_add_(0, idx, loss.detach().float())
         count = torch.zeros_like(self.loss).index_add_(0, idx, torch.ones_like(total[idx]))
+        if process_rank()[1] > 1:  # the whole global batch's statistics, on every process
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
         mean = total / count.clamp(min=1)
         ema = self.decay * self.loss + (1 - self.decay) * mean
         self.loss = torch.where(count > 0, ema, self.loss)
@@ -976,9 +918,10 @@ class AdaptiveTime(nn.Module):
         p = slope / slope.sum().clamp(min=1e-12)
         return (1 - self.floor) * p + self.floor / self.bins  # the floor keeps every t
 
-    def sample(self, n, generator=None):
-        bins = torch.multinomial(self.density(), n, replacement=True, generator=generator)
-        return (bins + torch.rand(n, device=self.loss.device, generator=generator)) / self.bins
+    def sample(self, n, generator=None):  # a bin by the inverse CDF, then a uniform t inside it
+        u = draw(torch.rand, (n, 2), generator, self.loss.device)
+        bins = torch.searchsorted(self.density().cumsum(0), u[:, 0].contiguous())
+        return (bins.clamp(max=self.bins - 1) + u[:, 1]) / self.bins
 
 
 def diffusion_loss(model, x, cfg: DiffConfig, cond, generator, adaptive=None):
@@ -987,13 +930,13 @@ def diffusion_loss(model, x, cfg: DiffConfig, cond, generator, adaptive=None):
     if adaptive is not None:
         t = adaptive.sample(B, generator)
     else:
-        t = torch.rand(B, device=x.device, generator=generator)
+        t = draw(torch.rand, (B,), generator, x.device)
     alpha = alpha_cosine(t, cfg.schedule_scale)
     a = alpha[:, None, None]  # (B, 1, 1)
-    eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+    eps = draw(torch.randn, x.shape, generator, x.device, dtype=x.dtype)
     z_t = a.sqrt() * x + (1 - a).sqrt() * eps  # (D1) z_t ~ q(z_t | x)
     x_self = None
-    if cfg.self_cond and torch.rand((), generator=generator, device=x.device) < 0.5:  # (S1)
+    if cfg.self_cond and torch.rand(()) < 0.5:  # (S1) a host coin: no device sync
         with torch.no_grad():
             x_self = pred_to_x0_eps(model(z_t, alpha, None, **cond), z_t, a, cfg.objective)[0]
     pred = model(z_t, alpha, x_self, **cond).float()
@@ -1010,29 +953,29 @@ def drop_conditions(cond, p, num_classes, generator=None):
     def drop(n, device):
         if p >= 1:
             return torch.ones(n, dtype=torch.bool, device=device)
-        return torch.rand(n, device=device, generator=generator) < p
+        return draw(torch.rand, (n,), generator, device) < p
 
     out = dict(cond)
     if "label" in cond:
         label = cond["label"]
-        out["label"] = torch.where(drop(label.shape, label.device), num_classes, label)
+        out["label"] = torch.where(drop(len(label), label.device), num_classes, label)
     if "context" in cond:
         out["drop_context"] = drop(cond["context"].shape[0], cond["context"].device)
     return out
 
 
 # ==========================================================================================
-# 7. Sampling (App. A): one loop, three update rules (D6 DDPM, D7 DDIM, DPM-Solver++ 2M)
+# 7. Sampling (App. A): one loop, two update rules (D6 DDPM, D7 DDIM)
 
 
 def guided_model_fn(model, cfg: DiffConfig, cond, guidance):
-    """The sampler's view of the network: (z_t, t, x̂_prev) → (x̂, ε̂), with classifier-free
+    """The sampler's view of the network: (z_t, α_t, x̂_prev) → (x̂, ε̂), with classifier-free
     guidance (G3) on the raw prediction; both passes share one batched forward."""
     conditional = "label" in cond or "context" in cond
 
-    def fn(z_t, t, x_self):
+    def fn(z_t, alpha, x_self):  # alpha: a 0-d tensor, made by the sampler (no host copy)
         B = z_t.shape[0]
-        alpha = alpha_cosine(torch.full((B,), t, device=z_t.device), cfg.schedule_scale)
+        alpha = alpha.expand(B)
         if not conditional or guidance == 1.0:  # w = 1 is the conditional model: one pass
             pred = model(z_t, alpha, x_self, **cond)
         elif guidance == 0.0:  # w = 0 is the unconditional model: one pass, null condition
@@ -1052,7 +995,7 @@ def guided_model_fn(model, cfg: DiffConfig, cond, guidance):
     return fn
 
 
-def ddpm_update(z_t, x0, eps, a_t, a_s, state, generator):
+def ddpm_update(z_t, x0, eps, a_t, a_s, tau, generator):
     """(D6) ancestral step: the posterior mean μ_Q (D2) at x̂, variance τ²(1 − α_{t|s});
     the official code's variance, with τ = 1."""
     a_ts = a_t / a_s
@@ -1060,43 +1003,30 @@ def ddpm_update(z_t, x0, eps, a_t, a_s, state, generator):
         a_s.sqrt() * (1 - a_ts) / (1 - a_t) * x0 + a_ts.sqrt() * (1 - a_s) / (1 - a_t) * z_t
     )  # (D2) μ_Q
     noise = torch.randn(z_t.shape, device=z_t.device, generator=generator)
-    return mean + state.get("temperature", 1.0) * (1 - a_ts).sqrt() * noise
+    return mean + tau * (1 - a_ts).sqrt() * noise
 
 
-def ddim_update(z_t, x0, eps, a_t, a_s, state, generator):
+def ddim_update(z_t, x0, eps, a_t, a_s, tau, generator):
     """(D7) deterministic: z_s = √α_s x̂ + √(1−α_s) ε̂."""
     return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
 
 
-def dpmpp_2m_update(z_t, x0, eps, a_t, a_s, state, generator):
-    """DPM-Solver++(2M) (Lu et al. 2022), data-prediction form, λ = log(√α/√(1−α)); second
-    order from the previous step's x̂ kept in `state` (the official code keeps none)."""
-    lam_t, lam_s = 0.5 * torch.logit(a_t), 0.5 * torch.logit(a_s)
-    h = lam_s - lam_t
-    d = x0  # the first step has no history: first order
-    if "x0_prev" in state:
-        r = state["h_prev"] / h
-        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state["x0_prev"]
-    state.update(x0_prev=x0, h_prev=h)
-    return ((1 - a_s) / (1 - a_t)).sqrt() * z_t - a_s.sqrt() * torch.expm1(-h) * d
-
-
-SAMPLERS = {"ddpm": ddpm_update, "ddim": ddim_update, "dpmpp": dpmpp_2m_update}
+SAMPLERS = {"ddpm": ddpm_update, "ddim": ddim_update}
 
 
 @torch.no_grad()
 def sample_loop(update, model_fn, z, ts, cfg: DiffConfig, generator=None, progress=None):
     """The reverse process over the grid ts (1 → 0). Self-conditioning (S2) feeds each step's
     x̂ to the next; the first step uses ∅. Returns x̂ of the last step (App. A)."""
-    x_self, state = None, dict(temperature=cfg.temperature)
+    x_self = None
     alphas = alpha_cosine(torch.tensor(ts, dtype=torch.float64), cfg.schedule_scale)
     alphas = alphas.to(z.device, z.dtype)  # made once, not per step
     for i in range(len(ts) - 1):
-        x0, eps = model_fn(z, ts[i], x_self if cfg.self_cond else None)
+        x0, eps = model_fn(z, alphas[i], x_self if cfg.self_cond else None)
         x_self = x0
         if i == len(ts) - 2:
             break
-        z = update(z, x0, eps, alphas[i], alphas[i + 1], state, generator)
+        z = update(z, x0, eps, alphas[i], alphas[i + 1], cfg.temperature, generator)
         if progress:  # progress(i, z_s, x̂): watch the trajectory (the notebook decodes it)
             progress(i, z, x0)
     return x0
@@ -1160,11 +1090,6 @@ def write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
-
-
-def save_config(run_dir, cfg, **extra):
-    config = dict(stage=type(cfg).__name__, config=asdict(cfg), **extra)
-    write_json(os.path.join(run_dir, "config.json"), config)
 
 
 def save_checkpoint(run_dir, weights: dict, train_state: dict):
@@ -1233,12 +1158,36 @@ def setup_distributed(device):
     when WORLD_SIZE > 1, else (0, 1)."""
     dist = torch.distributed
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # all ranks done, then destroy: a rank that exits first can abort gloo
         atexit.register(lambda: (dist.barrier(), dist.destroy_process_group()))
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return process_rank()
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 only (run directories, config files), the others waiting: its
+    result, or its error, reaches every process, so that a bad flag never leaves one hanging."""
+    rank, world = process_rank()
+    out = [None, None]
+    if rank == 0:
+        try:
+            out[0] = fn(*args)
+        except UserError as e:
+            out[1] = str(e)
+    if world > 1:
+        torch.distributed.broadcast_object_list(out, src=0)
+    if out[1] is not None:
+        raise UserError(out[1])
+    return out[0]
+
+
+def to_device(x, device, dtype=None):
+    """A host tensor on the device without stalling the host: from pinned memory on CUDA."""
+    if device.type == "cuda" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, dtype, non_blocking=True)
 
 
 def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, ema=None):
@@ -1259,23 +1208,21 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
     kind = "cosine" if ema else "linear"
     sched = transformers.get_scheduler(kind, opt, min(cfg.warmup, cfg.steps), cfg.steps)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # t, ε, dropout: per rank
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # t, ε: the same on every process (draw)
     step = 0
     if resume:  # 2.
         ck = checkpoint_dir(run_dir)
         for stem, module in weights.items():
             load_weights(module, os.path.join(ck, f"{stem}.safetensors"))
-        st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=True)
+        try:  # tensors and plain values only: a run directory from elsewhere runs no code
+            st = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{ck}/state.pt is not a plain checkpoint ({type(e).__name__})")
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step = st["step"]
-        if st["world"] == world:  # the same process count continues every stream exactly
-            gen.set_state(st["generators"][rank].to(gen.get_state().device))
-            torch.set_rng_state(st["torch_rng"])
-        else:  # a new count: fresh, still reproducible, streams
-            gen.manual_seed(cfg.seed + rank + 7919 * step)
-        if ema is not None:
-            ema[0].n_averaged.fill_(max(step, 1))  # past its first update: average, don't copy
+        gen.set_state(st["generator"])  # any process count continues the same streams (draw)
+        torch.set_rng_state(st["torch_rng"])
         if rank == 0:
             print(f"resumed from {ck} at step {step}", file=sys.stderr)
     stop, t_start = {}, time.time()
@@ -1292,19 +1239,18 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
                 f.write(json.dumps(row) + "\n")
 
     def checkpoint(reason):
-        val = validate() if validate and rank == 0 else {}
+        if bad.item():
+            raise UserError(f"non-finite loss at or before step {step}; stopped unsaved")
+        if rank > 0:
+            return
+        val = validate() if validate else {}
         log(dict(step=step, **val, time=round(time.time() - t_start, 1)))
-        gens = [gen.get_state()]
-        if world > 1:  # rank 0 stores every rank's generator state
-            gens = [torch.empty_like(gens[0]) for _ in range(world)]
-            torch.distributed.all_gather_object(gens, gen.get_state())
-        if rank == 0:
-            state = dict(step=step, world=world, generators=gens, torch_rng=torch.get_rng_state())
-            state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
-            save_checkpoint(run_dir, weights, state)
-            plot_curves(run_dir)
-            floats = " ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float))
-            tqdm.write(f"step {step}: checkpoint ({reason}) {floats}")
+        state = dict(step=step, generator=gen.get_state(), torch_rng=torch.get_rng_state())
+        state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
+        save_checkpoint(run_dir, weights, state)
+        plot_curves(run_dir)
+        floats = " ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float))
+        tqdm.write(f"step {step}: checkpoint ({reason}) {floats}")
 
     model.train()
     while step < cfg.steps:
@@ -1317,14 +1263,15 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
         bad |= ~torch.isfinite(loss)
         opt.step()
         sched.step()
-        if ema is not None:
-            ema[0].update_parameters(ema[1])  # (averaged copy, live module)
+        if ema is not None:  # (averaged copy, live module, decay): θ̄ ← θ̄ + (1 − decay)(θ − θ̄)
+            torch._foreach_lerp_(list(ema[0].parameters()), list(ema[1].parameters()), 1 - ema[2])
         step += 1
         for k, v in logs.items():
             acc[k] = acc.get(k, 0) + v.detach().float()
         n_acc += 1
         pbar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:  # 4.
+        log_step = step % cfg.log_every == 0 or step == cfg.steps
+        if log_step:  # 4.
             stats = torch.stack([bad.float(), *acc.values()])
             if world > 1:
                 torch.distributed.all_reduce(stats)
@@ -1336,21 +1283,22 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
             log(dict(step=step, **means, lr=sched.get_last_lr()[0], steps_per_s=speed))
             pbar.set_postfix(loss=f"{means['loss']:.4f}", it_s=speed)
             acc, n_acc, t_log = {}, 0, time.time()
-        over_budget = cfg.time_budget and time.time() - t_start > 60 * cfg.time_budget
-        if world > 1:  # every rank must agree to stop at the same step
-            flag = torch.tensor([float(bool(over_budget or stop.get("signal")))], device=device)
-            torch.distributed.all_reduce(flag)
-            over_budget = over_budget or (flag.item() > 0 and not stop.get("signal"))
-        if step % cfg.eval_every == 0 or step == cfg.steps or stop or over_budget:  # 5.
-            if bad.item():
-                raise UserError(f"non-finite loss at or before step {step}; stopped unsaved")
+        budget = bool(cfg.time_budget) and time.time() - t_start > 60 * cfg.time_budget
+        halt = dict(budget=budget, signal=bool(stop))
+        if world > 1 and not log_step:  # every process stops at the same step: a log step
+            halt = dict.fromkeys(halt, False)
+        elif world > 1:
+            flags = torch.tensor(list(halt.values()), dtype=torch.float32, device=device)
+            torch.distributed.all_reduce(flags)
+            halt = dict(zip(halt, (flags > 0).tolist()))
+        if step % cfg.eval_every == 0 or step == cfg.steps or any(halt.values()):  # 5.
             model.eval()
-            checkpoint("signal" if stop else "time budget" if over_budget else "eval")
+            checkpoint("signal" if halt["signal"] else "time budget" if halt["budget"] else "eval")
             model.train()
-            if stop:
-                msg = f"stopped by signal {stop['signal']} at step {step}; checkpoint saved"
-                raise Interrupted(f"{msg}, continue with --resume")
-            if over_budget:
+            if halt["signal"]:
+                msg = f"stopped by signal {stop.get('signal', 'on another process')} at step {step}"
+                raise Interrupted(f"{msg}; checkpoint saved, continue with --resume")
+            if halt["budget"]:
                 break
     pbar.close()
     model.eval()
@@ -1358,20 +1306,50 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
 
 
 @torch.no_grad()
-def encode_all(
-    fn, ids, mask, device, dtype=torch.float32, store=None, per_token=False, bf16=True, chunk=256
-):
-    """fn(ids, mask) of every row, once, kept on `store` (default: the device): the cache of a
-    frozen network: latents x of an autoencoder (fn = ae.encode), or, per_token, the states
-    E(w) of a frozen LM (fn = ae.lm_states), zero-padded to the full length."""
+def encode_all(fn, ids, mask, device, bf16=True, chunk=256):
+    """fn(ids, mask) of every row, once, on the device in float32: the latents x of a frozen
+    autoencoder (fn = ae.encode), which the denoiser then reads."""
     out = []
-    for i in tqdm(range(0, len(ids), chunk), desc="caching", leave=False):
+    for i in tqdm(range(0, len(ids), chunk), desc="encoding", leave=False):
+        L = int(mask[i : i + chunk].sum(1).max())  # each chunk trimmed to its longest text
+        with autocast(device, bf16):
+            out.append(fn(ids[i : i + chunk, :L].to(device), mask[i : i + chunk, :L].to(device)))
+    return torch.cat(out).float()
+
+
+@torch.no_grad()
+def cache_states(fn, ids, mask, width, device, gb, path=None, bf16=True, chunk=256):
+    """The states fn(ids, mask) ∈ R^{L×width} of a frozen encoder (E(w) of the LM, or of the
+    sources), once, in bf16 and zero-padded to the full length: in pinned host memory up to
+    `gb` GB; above it (or with several processes) in a memory-mapped file at `path`, which the
+    processes share, each encoding its own chunks; None when neither is allowed."""
+    rank, world = process_rank()
+    shape = (len(ids), ids.shape[1], width)
+    n = math.prod(shape)
+    if n * 2 / 2**30 <= gb and world == 1:
+        store = torch.empty(shape, dtype=torch.bfloat16, pin_memory=device.type == "cuda")
+    elif path and gb > 0:
+        if rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # a stale cache
+            torch.from_file(path, shared=True, size=n, dtype=torch.bfloat16)  # the file, sized
+        if world > 1:
+            torch.distributed.barrier()
+        store = torch.from_file(path, shared=True, size=n, dtype=torch.bfloat16).view(shape)
+    else:
+        print(
+            f"states: {n * 2 / 2**30:.2f} GB over {gb} GB: encoded at every step", file=sys.stderr
+        )
+        return None
+    starts = range(rank * chunk, len(ids), chunk * world)  # this process's chunks
+    for i in tqdm(starts, desc="caching", leave=False, disable=rank > 0):
         L = int(mask[i : i + chunk].sum(1).max())  # each chunk trimmed to its longest text
         with autocast(device, bf16):
             y = fn(ids[i : i + chunk, :L].to(device), mask[i : i + chunk, :L].to(device))
-        y = F.pad(y, (0, 0, 0, ids.shape[1] - L)) if per_token else y
-        out.append(y.to(store or device, dtype))
-    return torch.cat(out)
+        store[i : i + chunk] = F.pad(y, (0, 0, 0, shape[1] - L)).to("cpu", torch.bfloat16)
+    if world > 1:
+        torch.distributed.barrier()  # every chunk written before any process reads
+    return store
 
 
 # ------------------------------------------------------------------------------------------
@@ -1431,30 +1409,39 @@ def ae_reconstruction_metrics(ae, split: Split, cfg: AEConfig, device, max_texts
 
 
 def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
-    """§3.1: train f_φ and g_φ (and a fine-tuned LM) with token cross-entropy (R2)."""
+    """§3.1: train f_φ and g_φ (and a fine-tuned LM) with token cross-entropy (R2); with
+    --init_from, fine-tune only the decoder side of a trained autoencoder (J4, two-stage)."""
     if cfg.lm.startswith("tiny") and cfg.lm_mode != "ft":
         raise UserError("a tiny random LM must be trained: use --lm_mode ft")
-    data = load_data(cfg)
-    resume = prepare_run_dir(out, resume, overwrite)
     device = pick_device(cfg.device)
     rank, _ = setup_distributed(device)
-    ae = build_autoencoder(cfg, out, data["train"].texts).to(device)
-    if cfg.lm.startswith("tiny") and rank == 0:
-        ae.tok.save_pretrained(os.path.join(out, "tokenizer"))
-    save_config(out, cfg)
+    data = load_data(cfg)
+    resume = on_rank0(prepare_run_dir, out, resume, overwrite)
+    if cfg.lm.startswith("tiny"):  # its BPE, trained once (or taken from --init_from)
+        save = lambda tok: tok.save_pretrained(os.path.join(out, "tokenizer"))
+        on_rank0(lambda: save(load_lm(cfg, cfg.init_from or out, data["train"].texts)[1]))
+    on_rank0(
+        write_json, os.path.join(out, "config.json"), dict(stage="AEConfig", config=asdict(cfg))
+    )
+    ae = build_autoencoder(cfg, out).to(device)
+    if cfg.init_from:  # (J4, two-stage) g_φ and D learn to read x + σε; x stays as it was
+        load_weights(ae, os.path.join(checkpoint_dir(cfg.init_from), "ae.safetensors"))
+        ae.requires_grad_(False)
+        ae.reconstructor.requires_grad_(True)
+        ae.lm.get_decoder().requires_grad_(cfg.lm_mode == "ft")
+        ae.lm.get_input_embeddings().requires_grad_(False)  # shared with the encoder
     ids_all, mask_all = tokenize(ae.tok, data["train"].texts, cfg.max_len, warn="max_len")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], cfg.max_len)
-    states = None
-    if cfg.lm_mode == "freeze" and cfg.cache_lm:  # E(w) once: the speed-up the paper names
-        bf16, cpu = torch.bfloat16, "cpu"
-        states = encode_all(ae.lm_states, ids_all, mask_all, device, bf16, cpu, True, cfg.bf16)
+    states = None  # E(w) of a frozen LM, once: the speed-up the paper names
+    if cfg.lm_mode == "freeze" and not cfg.init_from:
+        path, width = os.path.join(out, "lm_states.bin"), ae.lm.config.d_model
+        states = cache_states(ae.lm_states, ids_all, mask_all, width, device, cfg.cache_lm, path)
+    dtype = next(ae.compressor.parameters()).dtype  # the cache is bf16; the model reads its own
 
     def loss_fn(step, idx, gen, net):
         L = int(mask_all[idx].sum(1).max())  # the batch trimmed to its longest text
-        ids, mask = ids_all[idx, :L].to(device), mask_all[idx, :L].to(device)
-        h = None  # the cached E(w) is bf16: it is read in float32, as the model's dtype
-        if states is not None:
-            h = states[idx, :L].to(device, non_blocking=True).float()
+        ids, mask = to_device(ids_all[idx, :L], device), to_device(mask_all[idx, :L], device)
+        h = None if states is None else to_device(states[idx, :L], device, dtype)
         loss, acc = net(ids, mask, gen, h)
         return loss, dict(loss=loss, token_acc=acc)
 
@@ -1468,6 +1455,8 @@ def train_ae(cfg: AEConfig, out, resume=False, overwrite=False):
     step, secs = train_loop(cfg, out, ae, loss_fn, validate, device, resume, {"ae": ae})
     if rank > 0:
         return {}
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "lm_states.bin"))  # a cache, not a result
     metrics = ae_reconstruction_metrics(ae, data["test"], cfg, device)
     metrics.update(steps=step, train_minutes=round(secs / 60, 2), device=str(device))
     metrics["num_train"] = len(data["train"].texts)
@@ -1510,39 +1499,26 @@ def joint_loss(ae, model, cfg: DiffConfig, ids, mask, cond, gamma, generator, ad
     return loss, dict(logs, latent_var=var), t, per_sample
 
 
-def make_source_encoder(cfg: DiffConfig, ae, device, texts=None):
-    """(G2) A frozen encoder of the source text, the autoencoder's own LM encoder by default.
-    texts: the sources to come (training or sampling): a warning if --max_source_len cuts
-    them, and their states cached if they fit in --cache_sources GB. -> (encode, width)."""
-    tok, enc = ae.tok, ae.lm.get_encoder()
-    if cfg.source_encoder:
-        from transformers import AutoModel, AutoTokenizer
-
-        tok = from_hub(AutoTokenizer.from_pretrained, cfg.source_encoder, "tokenizer")
-        enc = from_hub(AutoModel.from_pretrained, cfg.source_encoder, "source encoder")
-        enc = enc.get_encoder() if enc.config.is_encoder_decoder else enc
-    enc = enc.to(device).eval().requires_grad_(False)
-    dim = getattr(enc.config, "d_model", None) or enc.config.hidden_size
-    limit = getattr(enc.config, "max_position_embeddings", None)  # T5: relative, no limit
-    if limit and cfg.max_source_len > limit:
-        raise UserError(f"--max_source_len {cfg.max_source_len} > the encoder's {limit} positions")
+def make_source_encoder(cfg: DiffConfig, ae, device, texts=None, path=None):
+    """(G2) The frozen encoder of the source text: the autoencoder's own LM encoder, as in the
+    paper. texts: the sources to come (training or sampling): a warning if --max_source_len
+    cuts them, and their states cached (cache_states; path: its file). -> (encode, width)."""
+    enc = ae.lm.get_encoder().to(device).eval().requires_grad_(False)
     states = torch.no_grad()(lambda ids, m: enc(input_ids=ids, attention_mask=m).last_hidden_state)
-    cache, row = None, {}
+    cache, row, dim = None, {}, enc.config.d_model
     if texts is not None:
-        ids, mask = tokenize(tok, texts, cfg.max_source_len, warn="max_source_len")
-        if (gb := ids.numel() * dim * 2 / 2**30) <= cfg.cache_sources:  # bf16: 2 bytes
-            bf16, cpu = torch.bfloat16, "cpu"
-            cache = encode_all(states, ids, mask, device, bf16, cpu, True, cfg.bf16)
-            row = {s: i for i, s in enumerate(texts)}
-        else:
-            print(f"source states: {gb:.1f} GB > --cache_sources: encoded every batch")
+        ids, mask = tokenize(ae.tok, texts, cfg.max_source_len, warn="max_source_len")
+        cache = cache_states(states, ids, mask, dim, device, cfg.cache_sources, path, cfg.bf16)
+        row = {s: i for i, s in enumerate(texts)}
 
     def encode(texts):
         if cache is not None and all(s in row for s in texts):  # sources given up front
             idx = torch.tensor([row[s] for s in texts])
             L = int(mask[idx].sum(1).max())  # trimmed to the batch's longest source
-            return cache[idx, :L].to(device).float(), mask[idx, :L].to(device)
-        ids_, mask_ = (t.to(device) for t in tokenize(tok, texts, cfg.max_source_len))
+            return to_device(cache[idx, :L], device, torch.float32), to_device(
+                mask[idx, :L], device
+            )
+        ids_, mask_ = (t.to(device) for t in tokenize(ae.tok, texts, cfg.max_source_len))
         return states(ids_, mask_).float(), mask_
 
     return encode, dim
@@ -1558,60 +1534,23 @@ def batch_condition(cfg, split: Split, idx, encode_source, device):
     """Model keyword arguments for the rows idx: a label (G1) and/or source states (G2)."""
     cond = {}
     if cfg.class_cond:
-        cond["label"] = torch.tensor([split.labels[i] for i in idx], device=device)
+        cond["label"] = to_device(torch.tensor([split.labels[i] for i in idx]), device)
     if cfg.seq2seq:
         cond["context"], cond["context_mask"] = encode_source([split.sources[i] for i in idx])
     return cond
 
 
-def finetune_decoder(cfg: DiffConfig, run_dir, ae, ids_all, mask_all, latents, test, device):
-    """(J4 in a two-stage model) Fine-tune g_φ and the LM decoder to read x + σε, x the frozen
-    encoder's latents: the decoder learns to forgive a denoiser's errors while the latents
-    stay as they were. It depends on the autoencoder, the texts and σ, not the denoiser: a run
-    of its own, which other denoisers of the same autoencoder and settings reuse."""
-    tcfg = dataclasses.replace(cfg, steps=cfg.tune_decoder, batch_size=64, lr=cfg.tune_lr)
-    tcfg.warmup, tcfg.eval_every = 100, 500
-    fields = ["seed", "tune_decoder", "tune_noise", "tune_lr", *sorted(DATA_FIELDS)]
-    fields = [k for k in fields if k not in ("label_column", "source_column")]
-    key = dict(ae=os.path.abspath(cfg.ae), **{k: getattr(cfg, k) for k in fields})
-    config_path, eval_path = (os.path.join(run_dir, n) for n in ("config.json", "eval_ae.json"))
-    saved = json.load(open(config_path)) if os.path.isfile(config_path) else None
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and saved != key:
-        raise UserError(f"--decoder {run_dir} holds another run; give a new directory")
-    if os.path.isfile(eval_path):  # finished with these settings: reuse it
-        print(f"reusing the fine-tuned decoder in {run_dir}", file=sys.stderr)
-        load_weights(ae, os.path.join(checkpoint_dir(run_dir), "ae.safetensors"))
-        return dict(json.load(open(eval_path)), reused=run_dir)
-    resume = prepare_run_dir(run_dir, os.path.isdir(run_dir), overwrite=False)
-    write_json(config_path, key)
-    ae.requires_grad_(False)
-    ae.reconstructor.requires_grad_(True)
-    ae.lm.get_decoder().requires_grad_(ae.cfg.lm_mode == "ft")
-    ae.lm.get_input_embeddings().requires_grad_(False)  # shared with the encoder
+class JointStep(nn.Module):
+    """(J1-J4) The LDLM step as one module, so that DistributedDataParallel wraps all of it."""
 
-    def loss_fn(step, idx, gen, net):
-        L = int(mask_all[idx].sum(1).max())
-        x = ae.noised(latents[idx.to(latents.device)], cfg.tune_noise, gen)  # (J4)
-        ids, mask = ids_all[idx, :L].to(device), mask_all[idx, :L].to(device)
-        loss, acc = ae.decoder_loss(ae.reconstructor(x), ids, mask)
-        return loss, dict(loss=loss, token_acc=acc)
+    def __init__(self, ae, denoiser, cfg: DiffConfig):
+        super().__init__()
+        self.ae, self.denoiser, self.cfg = ae, denoiser, cfg
 
-    loss_fn.num_rows = len(ids_all)
-    step, secs = train_loop(tcfg, run_dir, ae, loss_fn, None, device, resume, {"ae": ae})
-    metrics = ae_reconstruction_metrics(ae, test, ae.cfg, device)
-    metrics.update(steps=step, train_minutes=round(secs / 60, 2))
-    write_json(eval_path, metrics)
-    return metrics
-
-
-def plot_density(adaptive, run_dir):
-    """The learned (J3) density over t and the loss EMA it came from, to adaptive_t.png."""
-    t = (torch.arange(adaptive.bins) + 0.5) / adaptive.bins
-    with figure(os.path.join(run_dir, "adaptive_t.png"), ncols=2, size=(8, 3)) as ax:
-        ax[0].plot(t, adaptive.loss.cpu())
-        ax[0].set(xlabel="t", ylabel="diffusion loss (EMA)")
-        ax[1].plot(t, adaptive.density().cpu() * adaptive.bins)
-        ax[1].set(xlabel="t", ylabel="sampling density of t")
+    def forward(self, ids, mask, cond, gamma, generator, adaptive=None):
+        return joint_loss(
+            self.ae, self.denoiser, self.cfg, ids, mask, cond, gamma, generator, adaptive
+        )
 
 
 def setup_joint(ae, ae_cfg: AEConfig, device):
@@ -1619,7 +1558,7 @@ def setup_joint(ae, ae_cfg: AEConfig, device):
     compressor and the reconstructor with its token readout start fresh; the LM decoder
     trains if the autoencoder run fine-tuned its LM."""
     d_lm = ae.lm.config.d_model
-    ae.compressor = Compressor(d_lm, ae_cfg).to(device)
+    ae.compressor = Compressor(d_lm, ae_cfg, ae.c3).to(device)
     ae.reconstructor = Reconstructor(d_lm, ae_cfg, readout=True).to(device)
     ae.lm.requires_grad_(False)
     ae.lm.get_decoder().requires_grad_(ae_cfg.lm_mode == "ft")
@@ -1635,37 +1574,38 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         raise UserError("class_cond needs --label_column and seq2seq needs --source_column")
     device = pick_device(cfg.device)
     rank, world = setup_distributed(device)
-    if world > 1 and (cfg.joint or cfg.tune_decoder):
-        raise UserError("--joint and --tune_decoder train in one process (no torchrun)")
     ae, ae_cfg = load_autoencoder(cfg.ae, device)
+    limit = getattr(ae.lm.config, "max_position_embeddings", None)  # T5: relative, no limit
+    if cfg.seq2seq and limit and cfg.max_source_len > limit:
+        raise UserError(f"--max_source_len {cfg.max_source_len} > the encoder's {limit} positions")
     data = load_data(cfg)
     train = data["train"]
     if cfg.class_cond:
         cfg.num_classes = max(train.labels) + 1
+    resume = on_rank0(prepare_run_dir, out, resume, overwrite)  # after every input check
+    ae_dir = os.path.relpath(os.path.abspath(cfg.ae), os.path.abspath(out))
+    config = dict(stage="DiffConfig", config=asdict(cfg), ae_dir=ae_dir)
+    on_rank0(write_json, os.path.join(out, "config.json"), config)
     encode_source, context_dim = None, 0
     if cfg.seq2seq:
-        encode_source, context_dim = make_source_encoder(cfg, ae, device, train.sources)
-    resume = prepare_run_dir(out, resume, overwrite)  # after every input check
-    decoder_dir = cfg.decoder or os.path.join(out, "decoder")
-    rel = [os.path.relpath(os.path.abspath(p), os.path.abspath(out)) for p in (cfg.ae, decoder_dir)]
-    save_config(out, cfg, ae_dir=rel[0], decoder_dir=rel[1])
+        path = os.path.join(out, "source_states.bin")
+        encode_source, context_dim = make_source_encoder(cfg, ae, device, train.sources, path)
     model = build_denoiser(cfg, ae_cfg, context_dim).to(device)
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = copy.deepcopy(model).requires_grad_(False)  # the EMA of the weights, on the device
+    weights = {"denoiser": model, "ema": ema}
     adaptive = None
     if cfg.t_sampling == "adaptive" or (cfg.t_sampling == "auto" and cfg.joint):
-        adaptive = AdaptiveTime().to(device)
-    weights = {"denoiser": model, "ema": ema.module} | (
-        {"adaptive_t": adaptive} if adaptive else {}
-    )
+        weights["adaptive_t"] = adaptive = AdaptiveTime().to(device)
     ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="max_len")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], ae_cfg.max_len)
-    trainable, latents, val_x, tuned = model, None, None, None
+    trainable, latents, val_x = model, None, None
+    compiled = model
+    if cfg.compile and device.type == "cuda":  # checkpoints save the raw module
+        compiled = torch.compile(model)
     if cfg.joint:
         setup_joint(ae, ae_cfg, device)
         weights["ae"] = ae
-        trainable = nn.ModuleDict(dict(denoiser=model, ae=ae))
+        trainable = JointStep(ae, compiled, cfg)
         pad = ae_cfg.max_len - ids_all.shape[1]  # the readout's decoder reads all positions
         ids_all = F.pad(ids_all, (0, pad), value=ae.tok.pad_token_id)
         mask_all = F.pad(mask_all, (0, pad))
@@ -1673,24 +1613,17 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
         latents = encode_all(ae.encode, ids_all, mask_all, device, bf16=cfg.bf16)
         val_x = encode_all(ae.encode, val_ids, val_mask, device, bf16=cfg.bf16)
         ae.requires_grad_(False)
-        if cfg.tune_decoder:  # (J4, two-stage) it needs the latents only: before the denoiser
-            args = (ae, ids_all, mask_all, latents, data["test"], device)
-            tuned = finetune_decoder(cfg, decoder_dir, *args)
-    compiled = model
-    if cfg.compile and device.type == "cuda":  # checkpoints save the raw module
-        compiled = torch.compile(model)
 
     def loss_fn(step, idx, gen, net):
         net = compiled if net is model else net
         cond = batch_condition(cfg, train, idx.tolist(), encode_source, device)
         cond = drop_conditions(cond, cfg.cond_drop, cfg.num_classes, gen)
         if cfg.joint:
-            ids, mask = ids_all[idx].to(device), mask_all[idx].to(device)
+            ids, mask = to_device(ids_all[idx], device), to_device(mask_all[idx], device)
             gamma = joint_gamma(step, cfg.warmup_joint)
-            out = joint_loss(ae, compiled, cfg, ids, mask, cond, gamma, gen, adaptive)
-            loss, logs, t, per_sample = out
+            loss, logs, t, per_sample = net(ids, mask, cond, gamma, gen, adaptive)
         else:
-            x = latents[idx.to(latents.device)]
+            x = latents[to_device(idx, device)]
             loss, t, per_sample = diffusion_loss(net, x, cfg, cond, gen, adaptive)
             logs = dict(loss=loss)
         if adaptive is not None:
@@ -1708,28 +1641,31 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
             if cfg.joint:
                 x = ae.encode(val_ids.to(device), val_mask.to(device)).float()
             cond = batch_condition(cfg, data["val"], range(len(x)), encode_source, device)
-            val_loss = float(diffusion_loss(ema.module, x, plain, cond, g)[0])
+            val_loss = float(diffusion_loss(ema, x, plain, cond, g)[0])
             cond4 = {k: v[:4] for k, v in cond.items()}
-            z = generate_latents(ema.module, cfg, 4, cond4, "ddim", 50, cfg.guidance, g)
+            z = generate_latents(ema, cfg, 4, cond4, "ddim", 50, cfg.guidance, g)
             row = dict(val_loss=val_loss, samples=ae.generate(z, max_length=ae_cfg.max_len + 2))
         if cfg.joint:  # per-dimension variance near 0 across the batch: the latents collapse
-            row["latent_var"] = var = float(x.var(0).mean())
-            if var < 1e-3:
-                tqdm.write(f"warning: latent variance {var:.2e}: the latent space collapses")
+            row["latent_var"] = float(x.var(0).mean())
         return row
 
-    ema_pair = (ema, model)
     step, secs = train_loop(
-        cfg, out, trainable, loss_fn, validate, device, resume, weights, ema_pair
+        cfg, out, trainable, loss_fn, validate, device, resume, weights, (ema, model, cfg.ema_decay)
     )
     if rank > 0:
         return {}
-    if adaptive is not None:
-        plot_density(adaptive, out)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "source_states.bin"))  # a cache, not a result
+    if adaptive is not None:  # the learned (J3) density over t and the loss EMA it came from
+        t = (torch.arange(adaptive.bins) + 0.5) / adaptive.bins
+        with figure(os.path.join(out, "adaptive_t.png"), ncols=2, size=(8, 3)) as ax:
+            ax[0].plot(t, adaptive.loss.cpu())
+            ax[0].set(xlabel="t", ylabel="diffusion loss (EMA)")
+            ax[1].plot(t, adaptive.density().cpu() * adaptive.bins)
+            ax[1].set(xlabel="t", ylabel="sampling density of t")
     summary = dict(steps=step, train_minutes=round(secs / 60, 2), device=str(device))
     summary["num_train"] = len(train.texts)
     summary["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-    summary["decoder"] = tuned and {k: v for k, v in tuned.items() if k != "examples"}
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
@@ -1749,27 +1685,31 @@ class Run:
     encode_source: object = None  # (G2) texts -> (states, mask)
     decode: dict = field(default_factory=dict)  # beam-search settings of ae.generate
     batch_size: int = 500  # latents sampled and decoded together
+    candidates: int = 1  # (G4) samples per source, one chosen by MBR
+    random_latents: bool = False  # the control: N(0, I) latents, no denoiser
 
 
-def load_run(run_dir, device, compile=False, tuned=True, sources=None, **settings):
-    """A trained run, ready to sample. tuned=False reads with the autoencoder's own decoder
-    where the run fine-tuned one (a control); sources: to cache their states (G2); settings:
-    overrides of the run's sampler, sample_steps, guidance and temperature (None: the run's),
-    decode and batch_size."""
+def load_run(run_dir, device, compile=False, decoder="", sources=None, **settings):
+    """A trained run, ready to sample. decoder: an autoencoder run fine-tuned from the run's
+    own with --init_from (J4), to read the latents; sources: to cache their states (G2);
+    settings: overrides of the run's sampler, sample_steps, guidance and temperature (None:
+    the run's), and Run's sampling fields."""
     cfg, raw = load_config(DiffConfig, run_dir)
-    run_settings = {k: v for k, v in settings.items() if k in ("decode", "batch_size")}
+    run_fields = {f.name for f in dataclasses.fields(Run)}
     for k, v in settings.items():
-        if k not in run_settings and v is not None:
+        if k not in run_fields and v is not None:
             setattr(cfg, k, v)
-    ae, ae_cfg = load_autoencoder(os.path.join(run_dir, raw["ae_dir"]), device)
+    ae_dir = os.path.join(run_dir, raw["ae_dir"])
+    if decoder:  # the same latent space, read by another decoder
+        base = load_config(AEConfig, decoder)[0].init_from
+        if not base or os.path.realpath(base) != os.path.realpath(ae_dir):
+            raise UserError(f"--decoder {decoder} was not fine-tuned from {ae_dir} (--init_from)")
+    ae, ae_cfg = load_autoencoder(decoder or ae_dir, device)
     ck = checkpoint_dir(run_dir)
     if cfg.joint:
         ae.reconstructor = Reconstructor(ae.lm.config.d_model, ae_cfg, readout=True).to(device)
         load_weights(ae, os.path.join(ck, "ae.safetensors"))
         ae.eval()
-    if cfg.tune_decoder and not cfg.joint and tuned:  # the decoder fine-tuned for it (J4)
-        decoder_dir = os.path.join(run_dir, raw.get("decoder_dir", "decoder"))
-        load_weights(ae, os.path.join(checkpoint_dir(decoder_dir), "ae.safetensors"))
     encode_source, context_dim = None, 0
     if cfg.seq2seq:
         encode_source, context_dim = make_source_encoder(cfg, ae, device, sources)
@@ -1777,6 +1717,7 @@ def load_run(run_dir, device, compile=False, tuned=True, sources=None, **setting
     load_weights(model, os.path.join(ck, "ema.safetensors"))
     if compile and device.type == "cuda":
         model = torch.compile(model)
+    run_settings = {k: v for k, v in settings.items() if k in run_fields and v is not None}
     return Run(cfg, ae, ae_cfg, model, encode_source, **run_settings)
 
 
@@ -1789,22 +1730,12 @@ def mbr_select(candidates):
     return max(range(len(candidates)), key=score)
 
 
-def sample_rows(
-    run: Run,
-    n,
-    seed,
-    labels=None,
-    sources=None,
-    references=None,
-    candidates=1,
-    skip=0,
-    random_latents=False,
-):
+def sample_rows(run: Run, n, seed, labels=None, sources=None, references=None, skip=0):
     """Yield one JSON-ready row per sample (per source, for seq2seq), batch by batch, and a
     dict `clock` of diffusion and decoding seconds. Each batch has its own generator, seeded by
     (seed, batch index), so a resumed file (skip > 0) gets exactly the rows it lacks."""
     cfg, device = run.cfg, next(run.ae.parameters()).device
-    per = candidates if sources is not None else 1
+    per = run.candidates if sources is not None else 1
     n_rows = len(sources) if sources is not None else n
     clock = dict(diffusion_s=0.0, decoding_s=0.0, samples=0)
     rows_per_batch = max(1, run.batch_size // per)
@@ -1825,11 +1756,10 @@ def sample_rows(
                 cond["context"] = context.repeat_interleave(per, 0)
                 cond["context_mask"] = mask.repeat_interleave(per, 0)
             t0 = time.time()
-            if random_latents:  # the control: no denoiser, N(0, I) (onto C3's sphere)
-                z = torch.randn(
-                    (B, run.ae_cfg.num_latents, run.ae_cfg.d_ae), device=device, generator=g
-                )
-                z = on_sphere(z) if run.ae_cfg.norm_latents else z
+            if run.random_latents:  # the control: no denoiser, N(0, I) (onto C3's sphere)
+                shape = (B, run.ae_cfg.num_latents, run.ae_cfg.d_ae)
+                z = torch.randn(shape, device=device, generator=g)
+                z = on_sphere(z) if run.ae.c3 else z
             else:
                 z = generate_latents(run.model, cfg, B, cond, *settings.values(), g)
             t1 = time.time()
@@ -1857,15 +1787,12 @@ def sample_rows(
 
 
 def timing_summary(clock):
+    """Samples per second and seconds per 1000 samples, diffusion and decoding apart."""
     n, total = max(clock["samples"], 1), clock["diffusion_s"] + clock["decoding_s"]
-    per_1000 = lambda s: round(1000 * s / n, 1)
-    return dict(
-        samples=clock["samples"],
-        samples_per_s=round(n / max(total, 1e-9), 2),
-        diffusion_s_per_1000=per_1000(clock["diffusion_s"]),
-        decoding_s_per_1000=per_1000(clock["decoding_s"]),
-        total_s_per_1000=per_1000(total),
-    )
+    out = dict(samples=clock["samples"], samples_per_s=round(n / max(total, 1e-9), 2))
+    for k, s in (("diffusion", clock["diffusion_s"]), ("decoding", clock["decoding_s"])):
+        out[f"{k}_s_per_1000"] = round(1000 * s / n, 1)
+    return dict(out, total_s_per_1000=round(1000 * total / n, 1))
 
 
 def sample_settings(args):
@@ -1873,14 +1800,8 @@ def sample_settings(args):
     decode = dict(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
     decode["no_repeat_ngram_size"] = args.no_repeat_ngram
     steps = args.steps if isinstance(args.steps, int) else None  # evaluate: a list, a sweep
-    return dict(
-        sampler=args.sampler,
-        sample_steps=steps,
-        guidance=args.guidance,
-        temperature=args.temperature,
-        decode=decode,
-        batch_size=args.batch_size,
-    )
+    names = ("sampler", "guidance", "temperature", "batch_size", "candidates")
+    return dict(sample_steps=steps, decode=decode, **{k: getattr(args, k) for k in names})
 
 
 def cmd_sample(args):
@@ -1905,16 +1826,14 @@ def cmd_sample(args):
     elif cfg.seq2seq:
         split = load_data(cfg)[args.split]
         sources, references = split.sources[:n], split.texts[:n]
-    device = pick_device(args.device)
-    tuned = not args.ae_decoder
-    run = load_run(args.run_dir, device, args.compile, tuned, sources, **sample_settings(args))
+    device, settings = pick_device(args.device), sample_settings(args)
+    settings["random_latents"] = args.random_latents
+    run = load_run(args.run_dir, device, args.compile, args.decoder, sources, **settings)
     path = args.output or os.path.join(args.run_dir, "samples.jsonl")
     if os.path.exists(path) and not (args.resume or args.overwrite):
         raise UserError(f"{path} exists; pass --resume to continue it or --overwrite")
     skip = sum(1 for _ in open(path)) if args.resume and os.path.exists(path) else 0
-    rows, clock = sample_rows(
-        run, n, args.seed, labels, sources, references, args.candidates, skip, args.random_latents
-    )
+    rows, clock = sample_rows(run, n, args.seed, labels, sources, references, skip)
     with open(path, "a" if skip else "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -1922,7 +1841,7 @@ def cmd_sample(args):
     texts = [json.loads(line)["text"] for line in open(path)]
     summary = dict(output=path, sampler=run.cfg.sampler, steps=run.cfg.sample_steps)
     summary.update(guidance=run.cfg.guidance, temperature=run.cfg.temperature, seed=args.seed)
-    summary.update(random_latents=args.random_latents, ae_decoder=args.ae_decoder)
+    summary.update(random_latents=args.random_latents, decoder=args.decoder)
     summary.update(timing_summary(clock))
     write_json(os.path.splitext(path)[0] + ".summary.json", summary)  # beside its samples
     print("\n".join("  " + t for t in texts[:5]) + "\n" + json.dumps(summary, indent=1))
@@ -1936,17 +1855,16 @@ def cmd_sample(args):
 def add_config_flags(parser, cls):
     """One --flag per config field, its help the field's comment; None means 'not given'."""
     for f in dataclasses.fields(cls):
-        kind, text, flag = type(f.default), f.metadata["help"], f"--{f.name}"
         if f.name == "preset":  # a run flag
             continue
-        text = f"{text} (default {f.default!r})"
+        kind, flag = type(f.default), f"--{f.name}"
+        kw = dict(default=None, help=f"{f.metadata['help']} (default {f.default!r})")
         if kind is bool:
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, default=None, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind is tuple:
-            parser.add_argument(flag, type=float, nargs=len(f.default), default=None, help=text)
+            parser.add_argument(flag, type=float, nargs=len(f.default), **kw)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=text)
+            parser.add_argument(flag, type=kind, **kw)
 
 
 def add_sample_flags(s):
@@ -1963,24 +1881,23 @@ def add_sample_flags(s):
     s.add_argument("--no_repeat_ngram", type=int, default=3, help="decoder no-repeat n-gram")
     s.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser (CUDA)")
+    s.add_argument("--decoder", default="", help="(J4) a decoder run (train-ae --init_from)")
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="ld4lg.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--preset", default="demo", help=f"(default demo) {', '.join(PRESETS)}")
+    run.add_argument("--preset", default="", help=f"{', '.join(PRESETS)} (default: none)")
     run.add_argument("--out", required=True, help="run directory to create")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace --out")
     note = "Defaults below are Tables 13-14's; a --preset overrides some of them (see PRESETS)."
-    kw = dict(parents=[run], description=note)
-    add_config_flags(
-        sub.add_parser("train-ae", help="§3.1: the language autoencoder", **kw), AEConfig
-    )
-    add_config_flags(
-        sub.add_parser("train", help="§3.2: the denoiser (--joint: LDLM)", **kw), DiffConfig
-    )
+    for name, cls, text in (
+        ("train-ae", AEConfig, "§3.1: the language autoencoder"),
+        ("train", DiffConfig, "§3.2: the denoiser (--joint: LDLM)"),
+    ):
+        add_config_flags(sub.add_parser(name, help=text, parents=[run], description=note), cls)
     s = sub.add_parser("sample", help="App. A: sample texts from a trained run")
     s.add_argument("run_dir", help="run directory of `train`")
     add_sample_flags(s)
@@ -1992,7 +1909,6 @@ def build_parser():
     s.add_argument("--resume", action="store_true", help="continue a partly written --output")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     s.add_argument("--random_latents", action="store_true", help="control: N(0, I) latents")
-    s.add_argument("--ae_decoder", action="store_true", help="control: the AE's own decoder")
     return p
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train a preset end to end: autoencoder (§3.1) → denoiser (§3.2) → 1000 samples → evaluate.py (§4.1).
 #
-#   bash train.sh                   # offline demo: a tiny T5 on the built-in grammar corpus, on a CPU
+#   bash train.sh                   # offline demo: a tiny T5 on the grammar corpus of evaluate.py, on a CPU
+#   bash train.sh demo-decoder      # the demo's latents read by a decoder fine-tuned on noised latents (J4)
 #   bash train.sh demo-class        # class-conditional demo with classifier-free guidance (G1, G3)
 #   bash train.sh demo-seq2seq      # slot record → sentence demo with MBR decoding (G2, G4)
 #   bash train.sh demo-joint        # LDLM joint training on the demo (J1-J4)
@@ -11,9 +12,8 @@
 #   bash train.sh e2e-joint         # E2E unconditional, joint (LDLM) vs two-stage at equal wall-clock
 #   bash train.sh roc | ag_news | e2e | xsum | qqp   # the paper's recipes with facebook/bart-base (GPU, network)
 #
-# The joint and E2E runs keep the plain cosine schedule (--schedule_scale 1) with which their RESULTS.md figures
-# were measured; the demo's two-stage presets use s = 0.5. The demo's two-stage presets share one fine-tuned
-# decoder (runs/demo/decoder, J4): it depends on the autoencoder only, so the first of them trains it, the others reuse it.
+# The joint and E2E runs keep the plain cosine schedule (--schedule_scale 1); the demo's two-stage presets use s = 0.5.
+# The demo presets share one autoencoder (runs/demo/ae); the first of them trains it, the others reuse it.
 # Second argument: run directory (default runs/PRESET). Extra flags after it go to both training stages.
 # Featurizer for MAUVE: FEATURIZER=gpt2-large (the paper's) or the offline default below when installed.
 set -euo pipefail
@@ -29,6 +29,8 @@ if [ -z "${FEATURIZER:-}" ]; then
 fi
 PPL=${PPL_MODEL:-gpt2-large}   # perplexity is reported as missing when this model cannot be loaded
 
+[ -f data/demo/train.jsonl ] || $py evaluate.py demo-data data/demo  # the demo's corpus (evaluate.py's grammar)
+
 ae() {  # train the autoencoder unless a finished one exists (the conditional demos share the demo's)
   local dir=$1; shift
   if [ -f "$dir/eval_ae.json" ]; then echo "reusing autoencoder $dir"; return; fi
@@ -38,23 +40,31 @@ ae() {  # train the autoencoder unless a finished one exists (the conditional de
 case $preset in
   demo|demo-noselfcond)
     ae runs/demo/ae --preset demo
-    # decoder fine-tuning on noised latents (J4, two-stage; runs/demo/decoder, reused when it is there) → denoiser
-    # (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → samples (DDPM, 250 steps, τ = 1)
+    # denoiser (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → samples (DDPM, 250 steps, τ = 1)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
-    $py ld4lg.py train --preset demo --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
+    $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
     $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite
-    # the report: 3 seeds beside its controls (random latents through the same decoder; the autoencoder's own decoder)
+    # the report: 3 seeds beside the control (random latents through the same decoder)
     $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    ;;
+  demo-decoder)
+    # (J4, two-stage) the demo autoencoder's decoder fine-tuned on x + σε with its encoder frozen, then the demo
+    # denoiser's latents read by it, beside the same latents read by the autoencoder's own decoder.
+    [ -f runs/demo/diffusion/summary.json ] || bash train.sh demo
+    [ -f runs/demo/decoder/eval_ae.json ] || \
+      $py ld4lg.py train-ae --preset demo-decoder --init_from runs/demo/ae --out runs/demo/decoder --overwrite "$@"
+    $py evaluate.py runs/demo/diffusion --decoder runs/demo/decoder --num_samples 1000 --seeds 1 \
+        --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-class)
     ae runs/demo/ae --preset demo
-    $py ld4lg.py train --preset demo-class --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "$@"
-    $py evaluate.py "$runs/diffusion" --num_samples 400 --seeds 0 --guidance_sweep 0,1,2,3 \
+    $py ld4lg.py train --preset demo-class --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
+    $py evaluate.py "$runs/diffusion" --num_samples 400 --seeds 1 --guidance_sweep 0,1,2,3 \
         --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-seq2seq)
     ae runs/demo/ae --preset demo
-    $py ld4lg.py train --preset demo-seq2seq --ae runs/demo/ae --decoder runs/demo/decoder --out "$runs/diffusion" --overwrite "$@"
+    $py ld4lg.py train --preset demo-seq2seq --ae runs/demo/ae --out "$runs/diffusion" --overwrite "$@"
     $py evaluate.py "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     ;;
   demo-joint)
@@ -69,12 +79,11 @@ case $preset in
     ;;
   demo-joint-ablation)
     # LDLM's ablation at a fixed 1000 steps of batch 64 (J2 ramp over 500): naive joint training, the
-    # full recipe with one part removed at a time, the full recipe, and the two-stage denoiser (measured
-    # without the decoder fine-tuning that the demo preset now adds).
+    # full recipe with one part removed at a time, the full recipe, and the two-stage denoiser.
     ae runs/demo/ae --preset demo
     declare -A flags=([naive]="--joint --no-mse_loss --warmup_joint 0 --t_sampling uniform --decoder_noise 0"
       [no-J1]="--joint --no-mse_loss" [no-J2]="--joint --warmup_joint 0" [no-J3]="--joint --t_sampling uniform"
-      [no-J4]="--joint --decoder_noise 0" [full]="--joint" [two-stage]="--tune_decoder 0")
+      [no-J4]="--joint --decoder_noise 0" [full]="--joint" [two-stage]="")
     for v in naive no-J1 no-J2 no-J3 no-J4 full two-stage; do
       # shellcheck disable=SC2086  # the flags are meant to split into words
       $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/$v" --overwrite --batch_size 64 --steps 1000 \
@@ -91,7 +100,7 @@ case $preset in
        --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500 --no-bf16
     if [ "$preset" = e2e-seq2seq ]; then
       $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
-          --max_len 64 --max_source_len 64 --batch_size 128 --steps 5000 --time_budget 20 --tune_decoder 0 --schedule_scale 1 "$@"
+          --max_len 64 --max_source_len 64 --batch_size 128 --steps 5000 --time_budget 20 --schedule_scale 1 "$@"
       $py evaluate.py "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     else
       for mode in two-stage joint; do
@@ -99,7 +108,7 @@ case $preset in
         # still completes its warm-up, in float32 (as demo-joint)
         j=(--batch_size 128); [ $mode = joint ] && j=(--joint --batch_size 64 --warmup_joint 300 --no-bf16)
         $py ld4lg.py train --preset demo --ae runs/e2e-tiny/ae --out "$runs/$mode" --overwrite --data "$E2E_DIR" \
-            --text_column ref --max_len 64 --steps 100000 --time_budget 15 --tune_decoder 0 --schedule_scale 1 --temperature 1 "${j[@]}" "$@"
+            --text_column ref --max_len 64 --steps 100000 --time_budget 15 --schedule_scale 1 --temperature 1 "${j[@]}" "$@"
         $py evaluate.py "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
       done
     fi

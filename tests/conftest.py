@@ -2,11 +2,14 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="ld4lg-tests-datasets-")  # not the user's
+import evaluate  # noqa: E402
 import ld4lg  # noqa: E402
 
 # two threads, as CI's machine has, unless OMP_NUM_THREADS asks for another count
@@ -17,9 +20,13 @@ from huggingface_hub.utils import logging as hub_logging  # noqa: E402
 
 hub_logging.get_logger()
 
+# The demo corpus, written once per test session as `python evaluate.py demo-data` writes it.
+DEMO_DATA = os.path.join(tempfile.mkdtemp(prefix="ld4lg-tests-"), "demo")
+evaluate.write_demo_data(DEMO_DATA, n_train=2000, n_eval=20)
+
 # Smallest shapes that still exercise every code path.
 TINY_AE = dict(
-    data="demo",
+    data=DEMO_DATA,
     lm="tiny",
     lm_mode="ft",
     tiny_dim=32,
@@ -41,6 +48,7 @@ TINY_AE = dict(
     max_train=300,
 )
 TINY_DIFF = dict(
+    data=DEMO_DATA,
     dim=32,
     depth=2,
     heads=2,
@@ -53,7 +61,6 @@ TINY_DIFF = dict(
     max_train=300,
     num_eval=20,
     ema_decay=0.9,
-    tune_decoder=3,
 )
 
 
@@ -76,4 +83,12 @@ def ae_run(tmp_path_factory):
 def diff_run(ae_run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "diff")
     ld4lg.train_diffusion(diff_cfg(ae=ae_run), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def decoder_run(ae_run, tmp_path_factory):
+    """(J4, two-stage) the decoder of ae_run fine-tuned on noised latents (train-ae --init_from)."""
+    out = str(tmp_path_factory.mktemp("runs") / "decoder")
+    ld4lg.train_ae(ae_cfg(init_from=ae_run, latent_noise=1.0, steps=3), out)
     return out

@@ -6,10 +6,11 @@ import os
 import pytest
 import torch
 
+import evaluate
 import ld4lg
 from conftest import ae_cfg
 
-TEXTS = [t for t, _, _ in ld4lg.demo_corpus(64, seed=5)]
+TEXTS = [t for t, _, _ in evaluate.demo_corpus(64, seed=5)]
 
 
 def tiny_ae(**kw):
@@ -18,7 +19,7 @@ def tiny_ae(**kw):
 
 
 def test_latent_shape_and_norm_constraint():
-    ae, cfg = tiny_ae(norm_latents=True)
+    ae, cfg = tiny_ae(norm_latents="on")
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:5], cfg.max_len)
     x = ae.encode(ids, mask)
     assert x.shape == (5, cfg.num_latents, cfg.d_ae)
@@ -26,6 +27,13 @@ def test_latent_shape_and_norm_constraint():
         x.pow(2).sum(-1), torch.full((5, cfg.num_latents), float(cfg.d_ae)), rtol=1e-5
     )  # (C3)
     assert ae.reconstructor(x).shape == (5, cfg.num_latents, ae.lm.config.d_model)
+
+
+def test_norm_constraint_follows_the_lm_family():
+    """(C3) on for BART and off for T5 as in the paper, unless --norm_latents on / off says otherwise."""
+    auto = dict(norm_latents="auto")  # the default (the demo preset sets "on")
+    assert tiny_ae(lm="tiny", **auto)[0].c3 and not tiny_ae(lm="tiny-t5", **auto)[0].c3
+    assert tiny_ae(lm="tiny-t5", norm_latents="on")[0].c3 and not tiny_ae(norm_latents="off")[0].c3
 
 
 def test_padding_does_not_change_latents():
@@ -48,7 +56,7 @@ def test_tiny_autoencoder_overfits_small_batch(lm):
         ae_dim=64,
         num_latents=8,
         d_ae=16,
-        norm_latents=lm == "tiny",
+        norm_latents="auto",  # (C3) by the LM family, as in the paper: on for BART, off for T5
         latent_noise=0.0,
     )
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:8], cfg.max_len)
@@ -98,20 +106,19 @@ def test_frozen_lm_gets_no_gradient():
 
 def test_cached_lm_states_train_like_the_frozen_encoder(tmp_path):
     """A frozen LM's E(w) computed once (cache_lm) trains like E(w) recomputed every step: the frozen
-    encoder runs without dropout either way, and the cache differs only by its bf16 rounding."""
+    encoder runs without dropout either way, and the cache differs only by its bf16 rounding. Above its GB
+    cap the cache is a memory-mapped file with the same contents; float32 models (--no-bf16) read it in
+    their own dtype, also where d_LM differs from the compressor's width."""
     ae, cfg = tiny_ae(lm_mode="freeze", latent_noise=0.0)
     ids, mask = ld4lg.tokenize(ae.tok, TEXTS[:16], cfg.max_len)
-    states = ld4lg.encode_all(
-        ae.train().lm_states,
-        ids,
-        mask,
-        torch.device("cpu"),
-        torch.bfloat16,
-        per_token=True,
-        chunk=5,
-    )
+    cpu, width = torch.device("cpu"), ae.lm.config.d_model
+    states = ld4lg.cache_states(ae.train().lm_states, ids, mask, width, cpu, gb=1.0, chunk=5)
     assert not ae.lm.get_encoder().training and ae.lm.get_decoder().training
     assert torch.allclose(states.float(), ae.lm_states(ids, mask), rtol=1e-2, atol=1e-2)
+    mapped = ld4lg.cache_states(
+        ae.lm_states, ids, mask, width, cpu, 1e-9, str(tmp_path / "s.bin"), chunk=5
+    )
+    assert torch.equal(mapped, states) and os.path.getsize(tmp_path / "s.bin") == 2 * states.numel()
     grads = []
     for h in (states[3:11].float(), None):
         torch.manual_seed(0)  # the same decoder dropout in both passes
@@ -119,19 +126,24 @@ def test_cached_lm_states_train_like_the_frozen_encoder(tmp_path):
         ae(ids[3:11], mask[3:11], None, h)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in ae.compressor.parameters()]))
     assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.999
-    # a "pretrained" LM by path: the frozen-LM branch of train-ae, with and without the cache
+    # a "pretrained" LM by path: the frozen-LM branch of train-ae with the cache in memory, in a file
+    # (a tiny cap), and without it; float32 throughout and a compressor narrower than d_LM
     path = str(tmp_path / "lm")
-    ae.lm.save_pretrained(path), ae.tok.save_pretrained(path)
+    ae.lm.save_pretrained(path)
+    ae.tok.save_pretrained(path)
     losses = {}
-    for cache in (True, False):
+    for cache in (8.0, 1e-9, 0.0):
         out = str(tmp_path / f"ae-{cache}")
-        ld4lg.train_ae(
-            ae_cfg(lm=path, lm_mode="freeze", cache_lm=cache, steps=3, latent_noise=0.0), out
+        kw = dict(
+            lm=path, lm_mode="freeze", cache_lm=cache, latent_noise=0.0, ae_dim=24, bf16=False
         )
+        ld4lg.train_ae(ae_cfg(steps=3, **kw), out)
         losses[cache] = [
             json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l
         ]
-    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=2e-3)
+        assert not os.path.exists(os.path.join(out, "lm_states.bin"))  # a cache, removed at the end
+    assert len(losses[8.0]) == 3 and losses[8.0] == losses[1e-9]
+    assert losses[8.0] == pytest.approx(losses[0.0], rel=2e-3)
 
 
 def test_latent_noise_only_in_training():

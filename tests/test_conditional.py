@@ -5,6 +5,7 @@ import json
 
 import torch
 
+import evaluate
 import ld4lg
 from conftest import ae_cfg, diff_cfg
 
@@ -52,11 +53,11 @@ def test_guidance_identities_class():
         alpha[:, None, None],
         cfg.objective,
     )[0]
-    x1 = ld4lg.guided_model_fn(model, cfg, dict(label=label), 1.0)(z, 0.3, None)[0]
-    x0 = ld4lg.guided_model_fn(model, cfg, dict(label=label), 0.0)(z, 0.3, None)[0]
+    x1 = ld4lg.guided_model_fn(model, cfg, dict(label=label), 1.0)(z, alpha[0], None)[0]
+    x0 = ld4lg.guided_model_fn(model, cfg, dict(label=label), 0.0)(z, alpha[0], None)[0]
     assert torch.equal(x1, cond_pred) and torch.equal(x0, uncond_pred)
     # w = 2 in one batched pass equals w·cond + (1 − w)·uncond computed separately (G3; linear in x̂)
-    x2 = ld4lg.guided_model_fn(model, cfg, dict(label=label), 2.0)(z, 0.3, None)[0]
+    x2 = ld4lg.guided_model_fn(model, cfg, dict(label=label), 2.0)(z, alpha[0], None)[0]
     assert torch.allclose(x2, 2 * cond_pred - uncond_pred, atol=1e-5)
 
 
@@ -85,16 +86,18 @@ def test_guidance_identities_seq2seq():
     uncond = ld4lg.pred_to_x0_eps(
         model(z, alpha, None, **cond, drop_context=drop), z, alpha[:, None, None], "v"
     )[0]
-    assert torch.equal(ld4lg.guided_model_fn(model, cfg, cond, 0.0)(z, 0.5, None)[0], uncond)
-    c = ld4lg.guided_model_fn(model, cfg, cond, 1.0)(z, 0.5, None)[0]
+    assert torch.equal(ld4lg.guided_model_fn(model, cfg, cond, 0.0)(z, alpha[0], None)[0], uncond)
+    c = ld4lg.guided_model_fn(model, cfg, cond, 1.0)(z, alpha[0], None)[0]
     assert torch.allclose(
-        ld4lg.guided_model_fn(model, cfg, cond, 3.0)(z, 0.5, None)[0], 3 * c - 2 * uncond, atol=1e-5
+        ld4lg.guided_model_fn(model, cfg, cond, 3.0)(z, alpha[0], None)[0],
+        3 * c - 2 * uncond,
+        atol=1e-5,
     )
 
 
 def test_source_encoder_reports_cut_sources(capsys):
     """Sources longer than --max_source_len lose their last slots: training says how many, once."""
-    rows = ld4lg.demo_corpus(40, seed=3)
+    rows = evaluate.demo_corpus(40, seed=3)
     ae = ld4lg.build_autoencoder(ae_cfg(), None, [t for t, _, _ in rows])
     sources = [s for _, s, _ in rows]
     lengths = sorted(len(ids) for ids in ae.tok(sources)["input_ids"])
@@ -152,7 +155,7 @@ def test_seq2seq_sample_reports_cut_sources(ae_run, tmp_path, capsys):
 def test_cached_source_states_match_the_encoder(capsys):
     """Training caches the frozen source encoder's states of the training sources once (bf16): a batch read back
     equals the batch encoded, on its real tokens and with the same mask; a source not in the cache is encoded."""
-    rows = ld4lg.demo_corpus(40, seed=3)
+    rows = evaluate.demo_corpus(40, seed=3)
     ae = ld4lg.build_autoencoder(ae_cfg(), None, [t for t, _, _ in rows])
     sources, cpu = [s for _, s, _ in rows], torch.device("cpu")
     cached, _ = ld4lg.make_source_encoder(
@@ -161,7 +164,7 @@ def test_cached_source_states_match_the_encoder(capsys):
     fresh, _ = ld4lg.make_source_encoder(
         diff_cfg(seq2seq=True, max_source_len=64, cache_sources=0), ae, cpu, sources
     )
-    assert "encoded every batch" in capsys.readouterr().out
+    assert "encoded at every step" in capsys.readouterr().err
     (c, cm), (f, fm) = (
         cached([sources[i] for i in (7, 3, 30, 3)]),
         fresh([sources[i] for i in (7, 3, 30, 3)]),

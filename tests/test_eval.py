@@ -43,7 +43,7 @@ def tiny_gpt2(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     path = str(tmp_path_factory.mktemp("gpt2"))
-    texts = [t for t, _, _ in ld4lg.demo_corpus(500, 0)] + [
+    texts = [t for t, _, _ in evaluate.demo_corpus(500, 0)] + [
         f"{i} {i * 7} numbers {i % 13}" for i in range(500)
     ]
     tok = ld4lg.train_tokenizer(texts, 400)
@@ -82,8 +82,8 @@ def test_perplexity_matches_direct_computation(tiny_gpt2):
 
 def test_mauve_same_vs_different(tiny_gpt2):
     featurize = evaluate.load_featurizer(tiny_gpt2, torch.device("cpu"))
-    p = [t for t, _, _ in ld4lg.demo_corpus(200, 1)]
-    q = [t for t, _, _ in ld4lg.demo_corpus(200, 2)]
+    p = [t for t, _, _ in evaluate.demo_corpus(200, 1)]
+    q = [t for t, _, _ in evaluate.demo_corpus(200, 2)]
     other = [f"{i} {i * 7} numbers {i % 13}" for i in range(200)]
     same, diff = evaluate.mauve_score(featurize, p, q), evaluate.mauve_score(featurize, p, other)
     assert same > 0.8 and diff < 0.2
@@ -99,9 +99,9 @@ def test_missing_featurizer_is_reported_not_replaced(capsys):
 def test_eval_external_jsonl(tmp_path, tiny_gpt2):
     samples, refs = tmp_path / "s.jsonl", tmp_path / "r.txt"
     samples.write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t, _, _ in ld4lg.demo_corpus(60, 3))
+        "".join(json.dumps({"text": t}) + "\n" for t, _, _ in evaluate.demo_corpus(60, 3))
     )
-    refs.write_text("".join(t + "\n" for t, _, _ in ld4lg.demo_corpus(60, 4)))
+    refs.write_text("".join(t + "\n" for t, _, _ in evaluate.demo_corpus(60, 4)))
     rc = evaluate.main(
         [
             "--samples",

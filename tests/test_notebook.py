@@ -19,7 +19,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     assert len(cells) >= 8
     ns = {}
     src = lambda c: "".join(c["source"]).replace(
-        '"../runs/notebook"', repr(str(tmp_path))
+        '"runs/notebook"', repr(str(tmp_path))
     )  # write into the test's tmp dir
     for i, cell in enumerate(cells):
         exec(compile(src(cell), f"walkthrough cell {i}", "exec"), ns)

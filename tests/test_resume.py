@@ -3,6 +3,7 @@ weights of an uninterrupted run; NaN stops cleanly; SIGTERM saves a checkpoint."
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,23 +30,33 @@ def stage_args(stage, ae_run, out):
     steps = ["--steps", "12", "--eval_every", "2", "--log_every", "1"]
     if stage == "train-ae":
         return ["train-ae", "--out", out, *AE_FLAGS, *steps]
+    if stage == "decoder":  # (J4, two-stage) decoder fine-tuning of a trained autoencoder
+        return [
+            "train-ae",
+            "--out",
+            out,
+            *AE_FLAGS,
+            *steps,
+            "--init_from",
+            ae_run,
+            "--latent_noise",
+            "1",
+        ]
     joint = ["--joint", "--t_sampling", "adaptive"] if stage == "joint" else []
     return ["train", "--ae", ae_run, "--out", out, *DIFF_FLAGS, *steps, *joint]
 
 
 def weights(out):
-    """Every checkpoint's tensors: the run's, and the decoder fine-tuning's (out/decoder) where there is one."""
-    runs = [out] + [os.path.join(out, "decoder")] * os.path.isdir(os.path.join(out, "decoder"))
-    cks = {os.path.relpath(r, out): ld4lg.checkpoint_dir(r) for r in runs}
+    """Every tensor of the run's checkpoint."""
+    ck = ld4lg.checkpoint_dir(out)
     return {
-        (name, f): load_file(os.path.join(ck, f))
-        for name, ck in cks.items()
+        f: load_file(os.path.join(ck, f))
         for f in sorted(os.listdir(ck))
         if f.endswith(".safetensors")
     }
 
 
-@pytest.mark.parametrize("stage", ["train-ae", "train", "joint"])
+@pytest.mark.parametrize("stage", ["train-ae", "decoder", "train", "joint"])
 def test_kill_and_resume_is_exact(stage, ae_run, tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
     subprocess.run(cli(*stage_args(stage, ae_run, ref)), env=ENV, check=True, capture_output=True)
@@ -124,3 +135,22 @@ def test_nan_loss_stops_without_poisoned_checkpoint(ae_run, tmp_path, monkeypatc
         torch.load(os.path.join(ck, "state.pt"), weights_only=False)["step"] == 4
     )  # the last good one
     assert all(torch.isfinite(v).all() for f in weights(out).values() for v in f.values())
+
+
+class RunsCode:
+    """A pickle that would run a command when loaded without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(diff_run, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(diff_run, out)
+    state = os.path.join(ld4lg.checkpoint_dir(out), "state.pt")
+    torch.save(dict(torch.load(state, weights_only=True), step=RunsCode()), state)
+    monkeypatch.chdir(tmp_path)
+    cfg = ld4lg.load_config(ld4lg.DiffConfig, out)[0]
+    with pytest.raises(ld4lg.UserError, match="not a plain checkpoint"):
+        ld4lg.train_diffusion(cfg, out, resume=True)
+    assert not os.path.exists(tmp_path / "pwned")
