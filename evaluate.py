@@ -470,7 +470,8 @@ def cmd_eval(args):
     if per_seed:  # --seeds 0 runs only the sweeps
         report["model"] = mean_std(per_seed)
         decoder = ", fine-tuned decoder" if args.decoder else ""
-        name = f"LD4LG ({c.sampler}, {c.sample_steps} steps{decoder}, {args.seeds} seeds)"
+        seeds = f"{args.seeds} seed{'s' * (args.seeds > 1)}"
+        name = f"LD4LG ({c.sampler}, {c.sample_steps} steps{decoder}, {seeds})"
         named.append((name, report["model"]))
     if args.controls and per_seed:  # what the decoder alone, or the AE's own decoder, gives
         report["control_random_latents"] = run_once(0, control="_random")

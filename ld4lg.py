@@ -359,6 +359,11 @@ def read_texts(path, what):
 
 
 SPLIT_NAMES = dict(train="train", valid="val", dev="val", validation="val", test="test")
+DATA_HINTS = {  # where the presets' local folders come from
+    "data/demo": " (write it with: python evaluate.py demo-data)",
+    "data/roc": " (put Diffusion-LM's roc_train.json and roc_valid.json there)",
+    "data/qqp": " (put DiffuSeq's QQP train.jsonl, valid.jsonl and test.jsonl there)",
+}
 
 
 def split_files(folder):
@@ -404,9 +409,7 @@ def load_rows(cfg: TrainConfig):
     if os.path.isdir(cfg.data.partition(":")[0]):  # a local copy in the hub's layout
         return load_hub(cfg, cfg.data)
     if cfg.data.endswith(DATA_EXTENSIONS) or cfg.data.startswith((".", "/", "data/")):
-        hint = (
-            " (write the demo's with: python evaluate.py demo-data)" if "demo" in cfg.data else ""
-        )
+        hint = DATA_HINTS.get(os.path.normpath(cfg.data), "")
         raise UserError(f"data file or folder not found: {cfg.data}{hint}")
     if not hub_online():
         raise UserError(f"data set '{cfg.data}': the hub is unreachable (a local file works)")
