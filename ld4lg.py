@@ -972,8 +972,8 @@ def drop_conditions(cond, p, num_classes, generator=None):
 
 
 def guided_model_fn(model, cfg: DiffConfig, cond, guidance):
-    """The sampler's view of the network: (z_t, α_t, x̂_prev) → (x̂, ε̂), with classifier-free
-    guidance (G3) on the raw prediction; both passes share one batched forward."""
+    """The sampler's view of the network: (z_t, α_t, x̂_prev) → (x̂, ε̂), with
+    classifier-free guidance (G3) on the raw prediction; both passes in one batched forward."""
     conditional = "label" in cond or "context" in cond
 
     def fn(z_t, alpha, x_self):  # alpha: a 0-d tensor, made by the sampler (no host copy)
@@ -1266,7 +1266,7 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
         bad |= ~torch.isfinite(loss)
         opt.step()
         sched.step()
-        if ema is not None:  # (averaged copy, live module, decay): θ̄ ← θ̄ + (1 − decay)(θ − θ̄)
+        if ema is not None:  # (EMA copy, live module, decay): ema += (1 - decay)(live - ema)
             torch._foreach_lerp_(list(ema[0].parameters()), list(ema[1].parameters()), 1 - ema[2])
         step += 1
         for k, v in logs.items():
