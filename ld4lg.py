@@ -1255,6 +1255,8 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
         floats = " ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float))
         tqdm.write(f"step {step}: checkpoint ({reason}) {floats}")
 
+    if ema is not None:  # (EMA copy, live module, decay)
+        ema_params, live_params = list(ema[0].parameters()), list(ema[1].parameters())
     model.train()
     while step < cfg.steps:
         batch = batch_indices(step, loss_fn.num_rows, cfg.batch_size, cfg.seed)
@@ -1266,8 +1268,8 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
         bad |= ~torch.isfinite(loss)
         opt.step()
         sched.step()
-        if ema is not None:  # (EMA copy, live module, decay): ema += (1 - decay)(live - ema)
-            torch._foreach_lerp_(list(ema[0].parameters()), list(ema[1].parameters()), 1 - ema[2])
+        if ema is not None:  # ema += (1 - decay)(live - ema), on the device
+            torch._foreach_lerp_(ema_params, live_params, 1 - ema[2])
         step += 1
         for k, v in logs.items():
             acc[k] = acc.get(k, 0) + v.detach().float()
