@@ -3,6 +3,7 @@
     python evaluate.py RUN_DIR [--seeds 5 --num_samples 1000 --featurizer M --ppl_model M]
     python evaluate.py RUN_DIR --seeds 0 --steps 50,100,250        # Table 11: quality vs steps
     python evaluate.py RUN_DIR --seeds 0 --guidance_sweep 0,1,2,3  # (G3) guidance weight
+    python evaluate.py RUN_DIR --ar_minutes 15                     # beside a GPT-2 of 15 minutes
     python evaluate.py --samples S.jsonl --references R.txt        # texts from any system
     python evaluate.py bench --preset roc                          # training and sampling speed
     python evaluate.py demo-data [data/demo]                       # the offline demo's corpus
@@ -26,9 +27,11 @@ import os
 import random
 import re
 import sys
+import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import ld4lg
 from ld4lg import UserError
@@ -361,7 +364,56 @@ def markdown_table(named_rows, featurizer):
 
 
 # ==========================================================================================
-# 3. The report: the paper's protocol over seeds, with controls and sweeps
+# 3. The report: the paper's protocol over seeds, with controls, baselines and sweeps
+
+
+def ar_baseline(texts, tok, max_len, minutes, n, device, dim=256, layers=4, batch=64, lr=1e-3):
+    """Table 2's GPT-2 row at this scale: a GPT-2-architecture LM from scratch (transformers)
+    on the same training texts and tokenizer, trained for `minutes` of wall-clock (warmup,
+    then a cosine over the budget), then n samples by nucleus sampling, p = 0.95."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    seqs = [torch.tensor([start, *x[:max_len], tok.eos_token_id]) for x in ids]
+    data = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=tok.pad_token_id)
+    L = data.shape[1]
+    mask = torch.arange(L) < torch.tensor(list(map(len, seqs)))[:, None]
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tok), n_positions=L, n_embd=dim, n_layer=layers, n_head=4)
+    config = GPT2Config(**shape, bos_token_id=start, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    g, step, t0, budget = torch.Generator().manual_seed(0), 0, time.time(), 60 * minutes
+    bar = tqdm(desc="GPT-2 baseline", unit="step")
+    while (elapsed := time.time() - t0) < budget:
+        for group in opt.param_groups:
+            warm = min(1.0, (step + 1) / 100)
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+        idx = torch.randint(len(data), (batch,), generator=g)
+        x, m = data[idx].to(device), mask[idx].to(device)
+        with ld4lg.autocast(device):
+            loss = model(input_ids=x, attention_mask=m, labels=x.masked_fill(~m, -100)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update()
+    bar.close()
+    model.eval()
+    out, t0 = [], time.time()
+    sampling = dict(do_sample=True, top_p=0.95, top_k=0, max_length=L)
+    sampling.update(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.no_grad(), ld4lg.autocast(device):
+        for i in range(0, n, 250):
+            b = min(250, n - i)
+            prompt = torch.full((b, 1), start, device=device)
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), **sampling)
+            out += [t.strip() for t in tok.batch_decode(ids[:, 1:], skip_special_tokens=True)]
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    info = dict(ar_steps=step, ar_params_m=round(params, 2), ar_minutes=minutes)
+    return out, dict(info, total_s_per_1000=round(1000 * (time.time() - t0) / max(n, 1), 1))
 
 
 def plot_sweep(sweep, xlabel, path):
@@ -409,6 +461,8 @@ def cmd_eval(args):
     cfg = ld4lg.load_config(ld4lg.DiffConfig, args.run_dir)[0]
     if args.guidance_sweep and not (cfg.class_cond or cfg.seq2seq):
         raise UserError("--guidance_sweep needs a class-conditional or seq2seq model")
+    if args.ar_minutes and (cfg.class_cond or cfg.seq2seq):
+        raise UserError("--ar_minutes: the GPT-2 baseline is unconditional; so must the run be")
     data, n = ld4lg.load_data(cfg), args.num_samples
     demo = os.path.basename(cfg.data).startswith("demo")  # the grammar corpus: exact checks
     train_texts, test = data["train"].texts, data["test"]
@@ -432,6 +486,8 @@ def cmd_eval(args):
         args.run_dir, device, args.compile, decoder, sources, **settings
     )
     run = load(args.decoder)
+    # another decoder's files beside the run's own, not over them
+    tag = f"_decoder-{os.path.basename(os.path.normpath(args.decoder))}" if args.decoder else ""
 
     def run_once(seed, run=run, control="", **overrides):
         run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, **overrides))
@@ -453,7 +509,7 @@ def cmd_eval(args):
         m.update(ld4lg.timing_summary(clock))
         c = run.cfg
         name = f"samples_seed{seed}_steps{c.sample_steps}_w{c.guidance}_t{c.temperature:g}"
-        with open(os.path.join(args.run_dir, name + control + ".jsonl"), "w") as f:
+        with open(os.path.join(args.run_dir, name + tag + control + ".jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         return m
 
@@ -473,6 +529,22 @@ def cmd_eval(args):
         seeds = f"{args.seeds} seed{'s' * (args.seeds > 1)}"
         name = f"LD4LG ({c.sampler}, {c.sample_steps} steps{decoder}, {seeds})"
         named.append((name, report["model"]))
+    if args.ar_minutes:  # Table 2's GPT-2 row: the same texts, tokenizer, references, scoring
+        max_len, tok = run.ae_cfg.max_len, run.ae.tok
+        torch.manual_seed(0)
+        texts, info = ar_baseline(train_texts, tok, max_len, args.ar_minutes, n, device)
+        with open(os.path.join(args.run_dir, "samples_ar.jsonl"), "w") as f:
+            f.writelines(json.dumps(dict(text=t)) + "\n" for t in texts)
+        m = text_metrics(texts, refs, train_texts, featurize, ppl)
+        report["ar_baseline"] = dict(
+            m, **(demo_metrics(texts, train_texts) if demo else {}), **info
+        )
+        named.append(
+            (
+                f"GPT-2 from scratch, {args.ar_minutes:g} min, nucleus p = 0.95",
+                report["ar_baseline"],
+            )
+        )
     if args.controls and per_seed:  # what the decoder alone, or the AE's own decoder, gives
         report["control_random_latents"] = run_once(0, control="_random")
         named.append(("control: random latents, same decoder", report["control_random_latents"]))
@@ -490,7 +562,7 @@ def cmd_eval(args):
         plot_sweep(report["guidance_sweep"], "guidance w", path)
     report["table"] = table = markdown_table(named, report["featurizer"] or "missing")
     ld4lg.write_json(
-        os.path.join(args.run_dir, "eval.json" if per_seed else "eval_sweep.json"), report
+        os.path.join(args.run_dir, ("eval" if per_seed else "eval_sweep") + tag + ".json"), report
     )
     print(table)
     return report
@@ -626,6 +698,7 @@ def build_parser(command):
     e.add_argument("--seeds", type=int, default=5, help="sampling seeds (paper: 5); 0: sweeps")
     e.add_argument("--guidance_sweep", type=floats, help="a list of w, e.g. 0,1,2,3 (G3)")
     e.add_argument("--no-controls", dest="controls", action="store_false", help="no controls")
+    e.add_argument("--ar_minutes", type=float, default=0, help="add a GPT-2 trained this long")
     text = f"MAUVE features: causal LM, sentence-embedding folder, {OFFLINE_FEATURIZER}"
     e.add_argument("--featurizer", default="gpt2-large", help=text)
     e.add_argument("--ppl_model", default="gpt2-large", help="causal LM for perplexity, or none")

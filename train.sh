@@ -10,6 +10,7 @@
 #   bash train.sh demo-noselfcond   # the demo without self-conditioning (Table 4 ablation)
 #   bash train.sh e2e-seq2seq       # E2E NLG (mr → ref) with the tiny LM; needs E2E_DIR with train/dev/test.csv
 #   bash train.sh e2e-joint         # E2E unconditional, joint (LDLM) vs two-stage at equal wall-clock
+#   bash train.sh e2e-uncond        # E2E unconditional in MINUTES (15) of CPU beside a GPT-2 of the same minutes
 #   bash train.sh roc | ag_news | e2e | xsum | qqp   # the paper's recipes with facebook/bart-base (GPU, network)
 #
 # The joint and E2E runs keep the plain cosine schedule (--schedule_scale 1); the demo's two-stage presets use s = 0.5.
@@ -40,12 +41,12 @@ ae() {  # train the autoencoder unless a finished one exists (the conditional de
 case $preset in
   demo|demo-noselfcond)
     ae runs/demo/ae --preset demo
-    # denoiser (14 000 steps of batch 64, bf16 on AVX512-BF16 CPUs) → samples (DDPM, 250 steps, τ = 1)
+    # denoiser (5000 steps of batch 64, bf16 on AVX512-BF16 CPUs)
     extra=(); [ "$preset" = demo-noselfcond ] && extra=(--no-self_cond)
     $py ld4lg.py train --preset demo --ae runs/demo/ae --out "$runs/diffusion" --overwrite "${extra[@]}" "$@"
-    $py ld4lg.py sample "$runs/diffusion" --num_samples 1000 --overwrite
-    # the report: 3 seeds beside the control (random latents through the same decoder)
-    $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 3 --featurizer "$FEATURIZER" --ppl_model "$PPL"
+    # the report: 1000 samples (DDPM, 250 steps, τ = 1; kept in samples_seed0_*.jsonl) beside the
+    # control (random latents through the same decoder); --seeds 3 adds two more sample sets
+    $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   demo-decoder)
     # (J4, two-stage) the demo autoencoder's decoder fine-tuned on x + σε with its encoder frozen, then the demo
@@ -93,13 +94,16 @@ case $preset in
     ;;
   e2e-seq2seq|e2e-joint)
     [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv, dev.csv, test.csv (columns mr, ref)" >&2; exit 2; }
-    data=(--data "$E2E_DIR" --text_column ref --source_column mr)
+    data=(--data "$E2E_DIR" --text_column ref --source_column mr); aedir=runs/e2e-tiny/ae
+    # Unconditional: dev and test describe other restaurants than train, so the validation and test texts are held
+    # out of train.csv (1000 each), and the autoencoder never sees them either.
+    [ "$preset" = e2e-joint ] && { data=(--data "$E2E_DIR/train.csv" --text_column ref); aedir=runs/e2e-uncond/ae; }
     # The tiny BART of --lm tiny, trained with its autoencoder for 15 CPU minutes (the schedule fits that budget), in
     # float32: in bf16 the post-LN tiny BART leaves its language-model plateau later.
-    ae runs/e2e-tiny/ae --preset demo "${data[@]}" --lm tiny --latent_noise 0 --max_len 64 --num_latents 32 --d_ae 32 --tiny_vocab 4096 \
+    ae $aedir --preset demo "${data[@]}" --lm tiny --latent_noise 0 --max_len 64 --num_latents 32 --d_ae 32 --tiny_vocab 4096 \
        --batch_size 32 --warmup 300 --steps 3400 --time_budget 14 --eval_every 500 --no-bf16
     if [ "$preset" = e2e-seq2seq ]; then
-      $py ld4lg.py train --preset demo-seq2seq --ae runs/e2e-tiny/ae --out "$runs/diffusion" --overwrite "${data[@]}" \
+      $py ld4lg.py train --preset demo-seq2seq --ae $aedir --out "$runs/diffusion" --overwrite "${data[@]}" \
           --max_len 64 --max_source_len 64 --batch_size 128 --steps 5000 --time_budget 20 --schedule_scale 1 "$@"
       $py evaluate.py "$runs/diffusion" --num_samples 200 --seeds 1 --candidates 5 --featurizer none --ppl_model none
     else
@@ -107,11 +111,26 @@ case $preset in
         # two-stage: batch 128, as measured; joint: batch 64 and a 300-step γ ramp, so that the slower joint step
         # still completes its warm-up, in float32 (as demo-joint)
         j=(--batch_size 128); [ $mode = joint ] && j=(--joint --batch_size 64 --warmup_joint 300 --no-bf16)
-        $py ld4lg.py train --preset demo --ae runs/e2e-tiny/ae --out "$runs/$mode" --overwrite --data "$E2E_DIR" \
-            --text_column ref --max_len 64 --steps 100000 --time_budget 15 --schedule_scale 1 --temperature 1 "${j[@]}" "$@"
+        $py ld4lg.py train --preset demo --ae $aedir --out "$runs/$mode" --overwrite "${data[@]}" --max_len 64 \
+            --steps 100000 --time_budget 15 --schedule_scale 1 --temperature 1 "${j[@]}" "$@"
         $py evaluate.py "$runs/$mode" --num_samples 1000 --seeds 1 --featurizer "$FEATURIZER" --ppl_model "$PPL"
       done
     fi
+    ;;
+  e2e-uncond)
+    # Table 2's comparison at CPU scale: ld4lg two-stage in MINUTES of training (a third for the autoencoder, the
+    # rest for the denoiser; step counts sized for 2 cores, the budget stops them sooner on a slower machine) beside
+    # a GPT-2 trained from scratch for the same MINUTES, both scored against texts held out of train.csv.
+    [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv (columns mr, ref)" >&2; exit 2; }
+    m=${MINUTES:-15}
+    data=(--data "$E2E_DIR/train.csv" --text_column ref --max_len 64)
+    $py ld4lg.py train-ae --preset demo "${data[@]}" --lm tiny --latent_noise 0 --num_latents 32 --d_ae 32 \
+        --tiny_vocab 4096 --batch_size 32 --warmup 300 --steps $((m * 80)) --time_budget $((m / 3)) --eval_every 500 \
+        --no-bf16 --out "$runs/ae" --overwrite
+    $py ld4lg.py train --preset demo --ae "$runs/ae" --out "$runs/diffusion" --overwrite "${data[@]}" --batch_size 128 \
+        --steps $((m * 120)) --time_budget $((m - m / 3)) --schedule_scale 1 --temperature 1 "$@"
+    $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 1 --ar_minutes "$m" --featurizer "$FEATURIZER" \
+        --ppl_model "$PPL"
     ;;
   roc|ag_news|e2e|xsum|qqp)
     # The paper's recipes (Tables 13-14): facebook/bart-base frozen, 50k autoencoder steps, 250k denoiser steps.

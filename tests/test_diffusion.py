@@ -220,3 +220,36 @@ def test_sampling_reads_a_decoder_of_the_same_autoencoder_only(
     json.dump(cfg, open(os.path.join(other, "config.json"), "w"))
     with pytest.raises(ld4lg.UserError, match="was not fine-tuned from"):
         ld4lg.load_run(diff_run, cpu, decoder=other)
+
+
+def test_evaluating_with_another_decoder_keeps_the_runs_own_report(diff_run, decoder_run):
+    """evaluate.py RUN --decoder D writes its report and samples beside the run's own, not over them."""
+    flags = ["--num_samples", "4", "--steps", "4", "--featurizer", "none", "--ppl_model", "none"]
+    assert evaluate.main([diff_run, *flags]) == 0
+    own = open(os.path.join(diff_run, "eval.json")).read()
+    assert evaluate.main([diff_run, "--decoder", decoder_run, *flags]) == 0
+    assert open(os.path.join(diff_run, "eval.json")).read() == own
+    tuned = json.load(open(os.path.join(diff_run, "eval_decoder-decoder.json")))
+    assert tuned["decoder"] == decoder_run and "control_ae_decoder" in tuned
+    names = os.listdir(diff_run)
+    assert any(
+        n.startswith("samples_seed0") and n.endswith("_decoder-decoder.jsonl") for n in names
+    )
+
+
+def test_gpt2_baseline_learns_its_training_text_and_joins_the_report(ae_run, diff_run):
+    """The GPT-2 row (--ar_minutes): trained from scratch for a wall-clock budget on the run's
+    texts and tokenizer, it writes back the one sentence it saw; in a run's report it is scored
+    as the model is."""
+    tok = ld4lg.load_autoencoder(ae_run, torch.device("cpu"))[0].tok
+    text = "Every summer, the proud coach praises a fast runner."
+    cpu = torch.device("cpu")
+    texts, info = evaluate.ar_baseline([text] * 64, tok, 32, 0.4, 20, cpu, 64, 2, lr=3e-3)
+    assert info["ar_steps"] > 0 and len(texts) == 20
+    # its first words at least, in most samples (nucleus sampling keeps a little of the rest)
+    assert sum(t.startswith("Every summer, the proud coach") for t in texts) >= 15
+    flags = ["--num_samples", "4", "--steps", "4", "--featurizer", "none", "--ppl_model", "none"]
+    assert evaluate.main([diff_run, "--ar_minutes", "0.02", "--no-controls", *flags]) == 0
+    ar = json.load(open(os.path.join(diff_run, "eval.json")))["ar_baseline"]
+    assert ar["ar_steps"] > 0 and {"diversity", "memorization", "valid"} <= set(ar)
+    assert len(open(os.path.join(diff_run, "samples_ar.jsonl")).readlines()) == 4
