@@ -531,20 +531,13 @@ def cmd_eval(args):
         named.append((name, report["model"]))
     if args.ar_minutes:  # Table 2's GPT-2 row: the same texts, tokenizer, references, scoring
         max_len, tok = run.ae_cfg.max_len, run.ae.tok
-        torch.manual_seed(0)
         texts, info = ar_baseline(train_texts, tok, max_len, args.ar_minutes, n, device)
         with open(os.path.join(args.run_dir, "samples_ar.jsonl"), "w") as f:
             f.writelines(json.dumps(dict(text=t)) + "\n" for t in texts)
         m = text_metrics(texts, refs, train_texts, featurize, ppl)
-        report["ar_baseline"] = dict(
-            m, **(demo_metrics(texts, train_texts) if demo else {}), **info
-        )
-        named.append(
-            (
-                f"GPT-2 from scratch, {args.ar_minutes:g} min, nucleus p = 0.95",
-                report["ar_baseline"],
-            )
-        )
+        m.update(demo_metrics(texts, train_texts) if demo else {}, **info)
+        report["ar_baseline"] = m
+        named.append((f"GPT-2 from scratch, {args.ar_minutes:g} min, nucleus p = 0.95", m))
     if args.controls and per_seed:  # what the decoder alone, or the AE's own decoder, gives
         report["control_random_latents"] = run_once(0, control="_random")
         named.append(("control: random latents, same decoder", report["control_random_latents"]))

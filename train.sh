@@ -97,7 +97,7 @@ case $preset in
     data=(--data "$E2E_DIR" --text_column ref --source_column mr); aedir=runs/e2e-tiny/ae
     # Unconditional: dev and test describe other restaurants than train, so the validation and test texts are held
     # out of train.csv (1000 each), and the autoencoder never sees them either.
-    [ "$preset" = e2e-joint ] && { data=(--data "$E2E_DIR/train.csv" --text_column ref); aedir=runs/e2e-uncond/ae; }
+    [ "$preset" = e2e-joint ] && { data=(--data "$E2E_DIR/train.csv" --text_column ref); aedir=runs/e2e-train/ae; }
     # The tiny BART of --lm tiny, trained with its autoencoder for 15 CPU minutes (the schedule fits that budget), in
     # float32: in bf16 the post-LN tiny BART leaves its language-model plateau later.
     ae $aedir --preset demo "${data[@]}" --lm tiny --latent_noise 0 --max_len 64 --num_latents 32 --d_ae 32 --tiny_vocab 4096 \
