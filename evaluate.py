@@ -367,10 +367,13 @@ def markdown_table(named_rows, featurizer):
 # 3. The report: the paper's protocol over seeds, with controls, baselines and sweeps
 
 
-def ar_baseline(texts, tok, max_len, minutes, n, device, dim=256, layers=4, batch=64, lr=1e-3):
+def ar_baseline(
+    texts, tok, max_len, minutes, n, device, dim=256, layers=4, batch=64, lr=1e-3, max_steps=None
+):
     """Table 2's GPT-2 row at this scale: a GPT-2-architecture LM from scratch (transformers)
-    on the same training texts and tokenizer, trained for `minutes` of wall-clock (warmup,
-    then a cosine over the budget), then n samples by nucleus sampling, p = 0.95."""
+    on the same training texts and tokenizer, trained for `minutes` of wall-clock or
+    max_steps (warmup, then a cosine over the budget), then n samples by nucleus sampling,
+    p = 0.95."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
@@ -386,10 +389,11 @@ def ar_baseline(texts, tok, max_len, minutes, n, device, dim=256, layers=4, batc
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     g, step, t0, budget = torch.Generator().manual_seed(0), 0, time.time(), 60 * minutes
     bar = tqdm(desc="GPT-2 baseline", unit="step")
-    while (elapsed := time.time() - t0) < budget:
+    progress = lambda: max((time.time() - t0) / budget, step / (max_steps or math.inf))
+    while (done := progress()) < 1:
         for group in opt.param_groups:
             warm = min(1.0, (step + 1) / 100)
-            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * done))
         idx = torch.randint(len(data), (batch,), generator=g)
         x, m = data[idx].to(device), mask[idx].to(device)
         with ld4lg.autocast(device):
@@ -416,6 +420,19 @@ def ar_baseline(texts, tok, max_len, minutes, n, device, dim=256, layers=4, batc
     return out, dict(info, total_s_per_1000=round(1000 * (time.time() - t0) / max(n, 1), 1))
 
 
+def data_latent_texts(run, texts, bs=100):
+    """The other control: these texts encoded (C1-C3) and decoded, no denoiser; what a
+    denoiser that sampled the data's own latents would give through this decoder."""
+    ae, cfg, out = run.ae, run.ae_cfg, []
+    device = next(ae.parameters()).device
+    for i in range(0, len(texts), bs):
+        ids, mask = ld4lg.tokenize(ae.tok, texts[i : i + bs], cfg.max_len)
+        with torch.no_grad(), ld4lg.autocast(device, cfg.bf16):
+            z = ae.encode(ids.to(device), mask.to(device))
+            out += ae.generate(z, max_length=cfg.max_len + 2, **run.decode)
+    return out
+
+
 def plot_sweep(sweep, xlabel, path):
     """Metrics (left axis) and seconds per 1000 samples (right, dashed) against a setting."""
     xs = list(sweep)
@@ -428,6 +445,42 @@ def plot_sweep(sweep, xlabel, path):
         ax2 = ax.twinx()
         ax2.plot(xs, [sweep[x]["total_s_per_1000"] for x in xs], "ks--")
         ax2.set(ylabel="seconds per 1000 samples (dashed)")
+
+
+def cmd_minutes(args):
+    """Quality per training minute: each run's MAUVE and diversity (its eval.json) against
+    the minutes its model trained (autoencoder + denoiser), the GPT-2 row against its own."""
+    points = {}  # system -> [(minutes, mauve, diversity)]
+    for run_dir in args.run_dirs:
+        path = os.path.join(run_dir, "eval.json")
+        if not os.path.isfile(path):
+            raise UserError(f"{run_dir} has no eval.json (run `evaluate.py {run_dir}` first)")
+        report, cfg = json.load(open(path)), ld4lg.load_config(ld4lg.DiffConfig, run_dir)[0]
+        ae = json.load(open(os.path.join(cfg.ae, "summary.json")))
+        own = json.load(open(os.path.join(run_dir, "summary.json")))
+        system = "LD4LG joint (LDLM)" if cfg.joint else "LD4LG two-stage"
+        mauve, div = (report["model"][k] and report["model"][k][0] for k in ("mauve", "diversity"))
+        row = (ae["train_minutes"] + own["train_minutes"], mauve, div)  # means over seeds
+        points.setdefault(system, []).append(row)
+        if ar := report.get("ar_baseline"):
+            row = (ar["ar_minutes"], ar["mauve"], ar["diversity"])
+            points.setdefault("GPT-2 from scratch", []).append(row)
+        human = report["reference"]
+    f = lambda v: "missing" if v is None else f"{v:.3f}"  # MAUVE needs a featurizer
+    print("| system | minutes | MAUVE | diversity |\n|---|---|---|---|")
+    print(f"| held-out human texts | | {f(human['mauve'])} | {f(human['diversity'])} |")
+    with ld4lg.figure(args.output, ncols=2, size=(10, 3.5)) as (a1, a2):
+        for (system, rows), color in zip(sorted(points.items()), "C0 C1 C2 C3".split()):
+            rows.sort()
+            for r in rows:
+                print(f"| {system} | {r[0]:.1f} | {f(r[1])} | {f(r[2])} |")
+            for ax, k in ((a1, 1), (a2, 2)):
+                ys = [math.nan if r[k] is None else r[k] for r in rows]
+                ax.plot([r[0] for r in rows], ys, "o-", c=color, label=system)
+        for ax, key in ((a1, "mauve"), (a2, "diversity")):
+            ax.axhline(human[key] or math.nan, c="k", ls=":", label="held-out human texts")
+            ax.set(xlabel="training minutes", ylabel=key)
+        a1.legend(loc="best", fontsize=8)
 
 
 def score_texts(args, featurize, ppl):
@@ -465,7 +518,7 @@ def cmd_eval(args):
         raise UserError("--ar_minutes: the GPT-2 baseline is unconditional; so must the run be")
     data, n = ld4lg.load_data(cfg), args.num_samples
     demo = os.path.basename(cfg.data).startswith("demo")  # the grammar corpus: exact checks
-    train_texts, test = data["train"].texts, data["test"]
+    train_texts, test = data["train"].texts, data[args.split]  # val: for choosing settings
     # random rows in file order: the first n rows of a sorted file (E2E) hold few sources
     pick = sorted(random.Random(0).sample(range(len(test.texts)), min(n, len(test.texts))))
     held = refs = [test.texts[i] for i in pick]
@@ -488,6 +541,7 @@ def cmd_eval(args):
     run = load(args.decoder)
     # another decoder's files beside the run's own, not over them
     tag = f"_decoder-{os.path.basename(os.path.normpath(args.decoder))}" if args.decoder else ""
+    tag += "_val" * (args.split == "val")
 
     def run_once(seed, run=run, control="", **overrides):
         run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, **overrides))
@@ -516,13 +570,13 @@ def cmd_eval(args):
     c = run.cfg
     report = dict(featurizer=args.featurizer if featurize else None, num_samples=n)
     report.update(sampler=c.sampler, steps=c.sample_steps, guidance=c.guidance)
-    report.update(temperature=c.temperature, decoder=args.decoder)
+    report.update(temperature=c.temperature, decoder=args.decoder, split=args.split)
     report["per_seed"] = per_seed = [run_once(s) for s in range(args.seeds)]
     # the paper's Reference row: held-out human texts scored as samples, MAUVE vs train texts
     others = random.Random(0).sample(train_texts, min(n, len(train_texts)))
     report["reference"] = text_metrics(held, others, train_texts, featurize, ppl)
     report["reference"].update(demo_metrics(held, train_texts) if demo else {})
-    named = [("Reference (test vs train texts)", report["reference"])]
+    named = [(f"Reference ({args.split} vs train texts)", report["reference"])]
     if per_seed:  # --seeds 0 runs only the sweeps
         report["model"] = mean_std(per_seed)
         decoder = ", fine-tuned decoder" if args.decoder else ""
@@ -532,15 +586,21 @@ def cmd_eval(args):
     if args.ar_minutes:  # Table 2's GPT-2 row: the same texts, tokenizer, references, scoring
         max_len, tok = run.ae_cfg.max_len, run.ae.tok
         texts, info = ar_baseline(train_texts, tok, max_len, args.ar_minutes, n, device)
-        with open(os.path.join(args.run_dir, "samples_ar.jsonl"), "w") as f:
+        with open(os.path.join(args.run_dir, f"samples_ar{tag}.jsonl"), "w") as f:
             f.writelines(json.dumps(dict(text=t)) + "\n" for t in texts)
         m = text_metrics(texts, refs, train_texts, featurize, ppl)
         m.update(demo_metrics(texts, train_texts) if demo else {}, **info)
         report["ar_baseline"] = m
         named.append((f"GPT-2 from scratch, {args.ar_minutes:g} min, nucleus p = 0.95", m))
-    if args.controls and per_seed:  # what the decoder alone, or the AE's own decoder, gives
+    if args.controls and per_seed:  # the decoder alone; the data's own latents; the AE's decoder
         report["control_random_latents"] = run_once(0, control="_random")
         named.append(("control: random latents, same decoder", report["control_random_latents"]))
+        if not (cfg.class_cond or cfg.seq2seq):
+            texts = data_latent_texts(run, others)
+            m = text_metrics(texts, refs, train_texts, featurize, ppl)
+            m.update(demo_metrics(texts, train_texts) if demo else {})
+            report["control_data_latents"] = m
+            named.append(("control: training texts' latents, same decoder", m))
         if args.decoder:
             report["control_ae_decoder"] = run_once(0, run=load(""), control="_aedecoder")
             named.append(("LD4LG read by the AE's own decoder", report["control_ae_decoder"]))
@@ -676,6 +736,11 @@ def build_parser(command):
         b.add_argument("--sample_batch", type=int, default=250, help="latents per batch")
         b.add_argument("--output", help="also write the results as JSON here")
         return b
+    if command == "minutes":
+        c = argparse.ArgumentParser(prog="evaluate.py minutes", description=cmd_minutes.__doc__)
+        c.add_argument("run_dirs", nargs="+", help="evaluated runs of `ld4lg.py train`")
+        c.add_argument("--output", default="minutes.png", help="the plot")
+        return c
     if command == "demo-data":
         d = argparse.ArgumentParser(
             prog="evaluate.py demo-data", description=write_demo_data.__doc__
@@ -692,6 +757,8 @@ def build_parser(command):
     e.add_argument("--guidance_sweep", type=floats, help="a list of w, e.g. 0,1,2,3 (G3)")
     e.add_argument("--no-controls", dest="controls", action="store_false", help="no controls")
     e.add_argument("--ar_minutes", type=float, default=0, help="add a GPT-2 trained this long")
+    text = "references: the test texts (the report) or the validation texts (choosing settings)"
+    e.add_argument("--split", default="test", choices=("test", "val"), help=text)
     text = f"MAUVE features: causal LM, sentence-embedding folder, {OFFLINE_FEATURIZER}"
     e.add_argument("--featurizer", default="gpt2-large", help=text)
     e.add_argument("--ppl_model", default="gpt2-large", help="causal LM for perplexity, or none")
@@ -703,13 +770,13 @@ def build_parser(command):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("bench", "demo-data") else "eval"
+    command = argv[0] if argv and argv[0] in ("bench", "demo-data", "minutes") else "eval"
     args = build_parser(command).parse_args(argv[command != "eval" :])
     try:
         if command == "demo-data":
             write_demo_data(args.folder)
         else:
-            (cmd_bench if command == "bench" else cmd_eval)(args)
+            dict(bench=cmd_bench, minutes=cmd_minutes).get(command, cmd_eval)(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -227,6 +227,9 @@ def test_evaluating_with_another_decoder_keeps_the_runs_own_report(diff_run, dec
     flags = ["--num_samples", "4", "--steps", "4", "--featurizer", "none", "--ppl_model", "none"]
     assert evaluate.main([diff_run, *flags]) == 0
     own = open(os.path.join(diff_run, "eval.json")).read()
+    report = json.loads(own)  # both controls, scored as the model is
+    for control in ("control_random_latents", "control_data_latents"):
+        assert set(report[control]) >= {"diversity", "memorization", "valid"}
     assert evaluate.main([diff_run, "--decoder", decoder_run, *flags]) == 0
     assert open(os.path.join(diff_run, "eval.json")).read() == own
     tuned = json.load(open(os.path.join(diff_run, "eval_decoder-decoder.json")))
@@ -235,17 +238,26 @@ def test_evaluating_with_another_decoder_keeps_the_runs_own_report(diff_run, dec
     assert any(
         n.startswith("samples_seed0") and n.endswith("_decoder-decoder.jsonl") for n in names
     )
+    # settings are chosen against the validation texts: that report is beside the test one too
+    assert evaluate.main([diff_run, "--split", "val", "--seeds", "1", *flags]) == 0
+    assert open(os.path.join(diff_run, "eval.json")).read() == own
+    assert json.load(open(os.path.join(diff_run, "eval_val.json")))["split"] == "val"
 
 
-def test_gpt2_baseline_learns_its_training_text_and_joins_the_report(ae_run, diff_run):
+def test_gpt2_baseline_learns_its_training_text_and_joins_the_report(
+    ae_run, diff_run, tmp_path, capsys
+):
     """The GPT-2 row (--ar_minutes): trained from scratch for a wall-clock budget on the run's
     texts and tokenizer, it writes back the one sentence it saw; in a run's report it is scored
-    as the model is."""
+    as the model is, and `evaluate.py minutes` puts both on the minutes axis."""
     tok = ld4lg.load_autoencoder(ae_run, torch.device("cpu"))[0].tok
     text = "Every summer, the proud coach praises a fast runner."
     cpu = torch.device("cpu")
-    texts, info = evaluate.ar_baseline([text] * 64, tok, 32, 0.4, 20, cpu, 64, 2, lr=3e-3)
-    assert info["ar_steps"] > 0 and len(texts) == 20
+    # a step budget, not the wall-clock one, so that a busy machine trains it as far
+    texts, info = evaluate.ar_baseline(
+        [text] * 64, tok, 32, 60, 20, cpu, 64, 2, lr=3e-3, max_steps=300
+    )
+    assert info["ar_steps"] == 300 and len(texts) == 20
     # its first words at least, in most samples (nucleus sampling keeps a little of the rest)
     assert sum(t.startswith("Every summer, the proud coach") for t in texts) >= 15
     flags = ["--num_samples", "4", "--steps", "4", "--featurizer", "none", "--ppl_model", "none"]
@@ -253,3 +265,13 @@ def test_gpt2_baseline_learns_its_training_text_and_joins_the_report(ae_run, dif
     ar = json.load(open(os.path.join(diff_run, "eval.json")))["ar_baseline"]
     assert ar["ar_steps"] > 0 and {"diversity", "memorization", "valid"} <= set(ar)
     assert len(open(os.path.join(diff_run, "samples_ar.jsonl")).readlines()) == 4
+    capsys.readouterr()
+    plot = str(tmp_path / "minutes.png")
+    assert evaluate.main(["minutes", diff_run, "--output", plot]) == 0
+    table = capsys.readouterr().out
+    minutes = sum(
+        json.load(open(os.path.join(d, "summary.json")))["train_minutes"]
+        for d in (ae_run, diff_run)
+    )
+    assert f"| LD4LG two-stage | {minutes:.1f} |" in table
+    assert "| GPT-2 from scratch | 0.0 |" in table and os.path.getsize(plot) > 0
