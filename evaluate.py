@@ -4,6 +4,8 @@
     python evaluate.py RUN_DIR --seeds 0 --steps 50,100,250        # Table 11: quality vs steps
     python evaluate.py RUN_DIR --seeds 0 --guidance_sweep 0,1,2,3  # (G3) guidance weight
     python evaluate.py RUN_DIR --ar_minutes 15                     # beside a GPT-2 of 15 minutes
+    python evaluate.py RUN_DIR --split val           # against validation texts, to choose settings
+    python evaluate.py minutes RUN_DIR...                          # quality vs training minutes
     python evaluate.py --samples S.jsonl --references R.txt        # texts from any system
     python evaluate.py bench --preset roc                          # training and sampling speed
     python evaluate.py demo-data [data/demo]                       # the offline demo's corpus
@@ -12,9 +14,10 @@ MAUVE, perplexity, diversity and memorization as the official code computes them
 notes, §11): MAUVE on GPT-2-large features, the mean of per-text GPT-2-large perplexities,
 Div = Π_{n=2..4} unique/total n-grams, Mem = share of generated 4-grams seen in training.
 Every report sets the model beside its controls: human text (Reference), random latents
-read by the same decoder, and, where a fine-tuned decoder reads the latents, the autoencoder's
-own. The offline demo is a task with an exact answer: a grammar writes its corpus, and the same
-grammar, as a regular expression, checks every sample.
+read by the same decoder, training texts' own latents read by it (unconditional runs), and,
+where a fine-tuned decoder reads the latents, the autoencoder's own. The offline demo is a
+task with an exact answer: a grammar writes its corpus, and the same grammar, as a regular
+expression, checks every sample.
 """
 
 from __future__ import annotations
