@@ -99,7 +99,7 @@ class TrainConfig:
     seed: int = opt(0, "seed for data splits, initialisation and noise")
     device: str = opt("auto", "auto | cuda | mps | cpu")
     compile: bool = opt(True, "torch.compile the denoiser in training (CUDA only)")
-    bf16: bool = opt(True, "bf16 autocast on CUDA and on CPUs with bf16 dot products")
+    bf16: bool = opt(True, "bf16 autocast on CUDA and on CPUs with AMX bf16 tiles")
 
     def __post_init__(self):  # every config (flags, presets, a saved run) passes here
         self.betas = tuple(self.betas)  # JSON stores the tuple as a list
@@ -259,8 +259,9 @@ def pick_device(name="auto"):
 
 
 def fast_bf16(device):
-    """bf16 pays on CUDA and on CPUs with bf16 dot products (AVX512-BF16)."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+    """bf16 pays on CUDA and on CPUs with AMX tiles; with AVX512-BF16 alone it is slower than
+    float32 (RESULTS.md, benchmark)."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
 
 
 def autocast(device, bf16=True):

@@ -14,7 +14,8 @@
 #   bash train.sh e2e-curve         # e2e-uncond at CURVE (5 10 15 30) minutes, and the plot against minutes
 #   bash train.sh roc | ag_news | e2e | xsum | qqp   # the paper's recipes with facebook/bart-base (GPU, network)
 #
-# The joint and E2E runs keep the plain cosine schedule (--schedule_scale 1); the demo's two-stage presets use s = 0.5.
+# The joint and E2E NLG runs keep the plain cosine schedule (--schedule_scale 1); the demo's two-stage presets and
+# e2e-uncond use s = 0.5.
 # The demo presets share one autoencoder (runs/demo/ae); the first of them trains it, the others reuse it.
 # Second argument: run directory (default runs/PRESET). Extra flags after it go to both training stages.
 # Featurizer for MAUVE: FEATURIZER=gpt2-large (the paper's) or the offline default below when installed.
@@ -120,10 +121,10 @@ case $preset in
     ;;
   e2e-uncond)
     # Table 2's comparison at CPU scale: ld4lg two-stage in MINUTES of training (a third for the autoencoder, the
-    # rest for the denoiser, as chosen on validation texts; step counts sized for 2 cores, the budget stops them
-    # sooner on a slower machine) beside a GPT-2 trained from scratch for the same MINUTES, both scored against
-    # texts held out of train.csv. The tiny T5 (pre-LN) leaves its language-model plateau within minutes where the
-    # tiny BART does not (RESULTS.md).
+    # rest for the denoiser, and (D5) s = 0.5, as chosen on validation texts; step counts sized for 2 cores, the
+    # budget stops them sooner on a slower machine) beside a GPT-2 trained from scratch for the same MINUTES, both
+    # scored against texts held out of train.csv. The tiny T5 (pre-LN) leaves its language-model plateau within
+    # minutes where the tiny BART does not (RESULTS.md).
     [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv (columns mr, ref)" >&2; exit 2; }
     m=${MINUTES:-15}
     data=(--data "$E2E_DIR/train.csv" --text_column ref --max_len 64)
@@ -131,7 +132,7 @@ case $preset in
         --tiny_vocab 4096 --batch_size 32 --warmup 300 --steps $((m * 80)) --time_budget "$(awk "BEGIN {print $m / 3}")" \
         --eval_every 500 --out "$runs/ae" --overwrite
     $py ld4lg.py train --preset demo --ae "$runs/ae" --out "$runs/diffusion" --overwrite "${data[@]}" --batch_size 128 \
-        --steps $((m * 170)) --time_budget "$(awk "BEGIN {print $m * 2 / 3}")" --schedule_scale 1 --temperature 1 "$@"
+        --steps $((m * 170)) --time_budget "$(awk "BEGIN {print $m * 2 / 3}")" --schedule_scale 0.5 --temperature 1 "$@"
     $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 1 --ar_minutes "$m" --featurizer "$FEATURIZER" \
         --ppl_model "$PPL"
     ;;

@@ -145,10 +145,14 @@ def test_bf16_autocast_where_fast_and_float32_attention_on_cpu(monkeypatch):
     torch.manual_seed(0)
     attn, x = ld4lg.Attention(32, heads=4), torch.randn(2, 5, 32)
     ref = attn(x)
-    with ld4lg.autocast(cpu):  # bf16 on CPUs with AVX512-BF16, a no-op elsewhere
+    with ld4lg.autocast(cpu):  # a no-op where bf16 is slow (no AMX)
         out = attn(x)
-    assert seen == [torch.float32, torch.float32]  # the attention itself stays float32 on the CPU
     assert out.dtype == (torch.bfloat16 if ld4lg.fast_bf16(cpu) else torch.float32)
+    monkeypatch.setattr(ld4lg, "fast_bf16", lambda device: True)  # the AMX path, on any CPU
+    with ld4lg.autocast(cpu):
+        out = attn(x)
+    assert out.dtype == torch.bfloat16
+    assert seen == [torch.float32] * 3  # the attention itself stays float32 on the CPU
     assert torch.allclose(out.float(), ref, atol=0.05)
     assert torch.equal(out.float(), ref) != ld4lg.fast_bf16(
         cpu
