@@ -11,7 +11,7 @@
 #   bash train.sh e2e-seq2seq       # E2E NLG (mr → ref) with the tiny LM; needs E2E_DIR with train/dev/test.csv
 #   bash train.sh e2e-joint         # E2E unconditional, joint (LDLM) vs two-stage at equal wall-clock
 #   bash train.sh e2e-uncond        # E2E unconditional in MINUTES (15) of CPU beside a GPT-2 of the same minutes
-#   bash train.sh e2e-curve         # e2e-uncond at CURVE (5 10 15 30) minutes, and the plot against minutes
+#   bash train.sh e2e-curve         # e2e-uncond, two-stage and JOINT=1, at CURVE (5 10 15 30) minutes; the plot
 #   bash train.sh roc | ag_news | e2e | xsum | qqp   # the paper's recipes with facebook/bart-base (GPU, network)
 #
 # The joint and E2E NLG runs keep the plain cosine schedule (--schedule_scale 1); the demo's two-stage presets and
@@ -125,21 +125,36 @@ case $preset in
     # budget stops them sooner on a slower machine) beside a GPT-2 trained from scratch for the same MINUTES, both
     # scored against texts held out of train.csv. The tiny T5 (pre-LN) leaves its language-model plateau within
     # minutes where the tiny BART does not (RESULTS.md).
+    # JOINT=1: the denoiser's minutes go to LDLM's joint recipe instead (J1-J4: a fresh compressor and
+    # reconstructor trained with the denoiser on the autoencoder's LM; float32, batch 64, as e2e-joint), reusing the
+    # autoencoder of a two-stage run of the same MINUTES in the same folder; its report has no GPT-2 row.
     [ -f "$E2E_DIR/train.csv" ] || { echo "error: set E2E_DIR to a folder with the E2E train.csv (columns mr, ref)" >&2; exit 2; }
     m=${MINUTES:-15}
+    [[ $m =~ ^[1-9][0-9]*$ ]] || { echo "error: MINUTES must be a whole number of minutes, not $m" >&2; exit 2; }
     data=(--data "$E2E_DIR/train.csv" --text_column ref --max_len 64)
-    $py ld4lg.py train-ae --preset demo "${data[@]}" --lm tiny-t5 --latent_noise 0 --num_latents 32 --d_ae 32 \
-        --tiny_vocab 4096 --batch_size 32 --warmup 300 --steps $((m * 80)) --time_budget "$(awk "BEGIN {print $m / 3}")" \
-        --eval_every 500 --out "$runs/ae" --overwrite
-    $py ld4lg.py train --preset demo --ae "$runs/ae" --out "$runs/diffusion" --overwrite "${data[@]}" --batch_size 128 \
-        --steps $((m * 170)) --time_budget "$(awk "BEGIN {print $m * 2 / 3}")" --schedule_scale 0.5 --temperature 1 "$@"
-    $py evaluate.py "$runs/diffusion" --num_samples 1000 --seeds 1 --ar_minutes "$m" --featurizer "$FEATURIZER" \
-        --ppl_model "$PPL"
+    if [ "${JOINT:-0}" = 1 ] && [ -f "$runs/ae/eval_ae.json" ]; then
+      echo "reusing autoencoder $runs/ae"
+    else
+      $py ld4lg.py train-ae --preset demo "${data[@]}" --lm tiny-t5 --latent_noise 0 --num_latents 32 --d_ae 32 \
+          --tiny_vocab 4096 --batch_size 32 --warmup 300 --steps $((m * 80)) --time_budget "$(awk "BEGIN {print $m / 3}")" \
+          --eval_every 500 --out "$runs/ae" --overwrite
+    fi
+    mode=diffusion; j=(--batch_size 128 --steps $((m * 170)) --schedule_scale 0.5); ar=(--ar_minutes "$m")
+    if [ "${JOINT:-0}" = 1 ]; then
+      mode=joint; ar=(); j=(--joint --batch_size 64 --steps $((m * 60)) --warmup_joint 300 --no-bf16 --schedule_scale 1)
+    fi
+    $py ld4lg.py train --preset demo --ae "$runs/ae" --out "$runs/$mode" --overwrite "${data[@]}" "${j[@]}" \
+        --time_budget "$(awk "BEGIN {print $m * 2 / 3}")" --temperature 1 "$@"
+    $py evaluate.py "$runs/$mode" --num_samples 1000 --seeds 1 "${ar[@]}" --featurizer "$FEATURIZER" --ppl_model "$PPL"
     ;;
   e2e-curve)
-    # Quality per training minute: e2e-uncond at each of CURVE's budgets, then MAUVE and diversity against minutes.
-    for m in ${CURVE:-5 10 15 30}; do MINUTES=$m bash train.sh e2e-uncond "$runs/$m" "$@"; done
-    $py evaluate.py minutes "$runs"/*/diffusion --output "$runs/minutes.png"
+    # Quality per training minute: e2e-uncond at each of CURVE's budgets, two-stage (with the GPT-2 row) then joint
+    # on the same autoencoder, then MAUVE and diversity against minutes.
+    for m in ${CURVE:-5 10 15 30}; do
+      MINUTES=$m bash train.sh e2e-uncond "$runs/$m" "$@"
+      JOINT=1 MINUTES=$m bash train.sh e2e-uncond "$runs/$m" "$@"
+    done
+    $py evaluate.py minutes "$runs"/*/diffusion "$runs"/*/joint --output "$runs/minutes.png"
     ;;
   roc|ag_news|e2e|xsum|qqp)
     # The paper's recipes (Tables 13-14): facebook/bart-base frozen, 50k autoencoder steps, 250k denoiser steps.
