@@ -398,8 +398,9 @@ def ar_baseline(
             warm = min(1.0, (step + 1) / 100)
             group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * done))
         idx = torch.randint(len(data), (batch,), generator=g)
-        n_b = int(mask[idx].sum(1).max())  # trim to the batch's longest text
-        x, m = data[idx, :n_b].to(device), mask[idx, :n_b].to(device)
+        m = mask[idx]
+        n_b = int(m.sum(1).max())  # trim to the batch's longest text
+        x, m = data[idx, :n_b].to(device), m[:, :n_b].to(device)
         with ld4lg.autocast(device):
             loss = model(input_ids=x, attention_mask=m, labels=x.masked_fill(~m, -100)).loss
         opt.zero_grad(set_to_none=True)
