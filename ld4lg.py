@@ -59,7 +59,7 @@ class Interrupted(UserError):
 
 # String fields with a fixed set of values.
 CHOICES = dict(lm_mode=("freeze", "ft"), objective=("v", "eps", "x0"), loss=("l2", "l1"))
-CHOICES |= dict(norm_latents=("auto", "on", "off"))
+CHOICES |= dict(norm_latents=("auto", "on", "off"), compile=("auto", "on", "off"))
 CHOICES |= dict(t_sampling=("auto", "uniform", "adaptive"), sampler=("ddpm", "ddim"))
 
 
@@ -92,17 +92,19 @@ class TrainConfig:
     weight_decay: float = opt(1e-2, "AdamW weight decay (never on biases and norms)")
     warmup: int = opt(1000, "linear warmup steps")
     steps: int = opt(50_000, "optimizer steps")
-    time_budget: float = opt(0.0, "stop after this many minutes of training (0 = no limit)")
+    time_budget: float = opt(0.0, "minutes of training (0 = no limit); the lr decay ends with them")
     grad_clip: float = opt(1.0, "gradient-norm clipping")
     log_every: int = opt(50, "steps between metric lines (the only host syncs)")
     eval_every: int = opt(1000, "steps between validation passes and checkpoints")
     seed: int = opt(0, "seed for data splits, initialisation and noise")
     device: str = opt("auto", "auto | cuda | mps | cpu")
-    compile: bool = opt(True, "torch.compile the denoiser in training (CUDA only)")
+    compile: str = opt("auto", "torch.compile the denoiser in training: auto (CUDA) | on | off")
     bf16: bool = opt(True, "bf16 autocast on CUDA and on CPUs with AMX bf16 tiles")
 
     def __post_init__(self):  # every config (flags, presets, a saved run) passes here
         self.betas = tuple(self.betas)  # JSON stores the tuple as a list
+        if isinstance(self.compile, bool):  # runs saved when it was a switch
+            self.compile = "auto" if self.compile else "off"
         for k, allowed in CHOICES.items():
             if getattr(self, k, allowed[0]) not in allowed:
                 raise UserError(f"--{k} '{getattr(self, k)}' is not one of {', '.join(allowed)}")
@@ -1198,7 +1200,7 @@ def to_device(x, device, dtype=None):
 
 def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, ema=None):
     """The flat loop every stage shares; loss_fn(step, idx, generator, net) -> (loss, logs).
-    1. AdamW; warmup, then linear decay (cosine with an EMA: the denoiser); DDP
+    1. AdamW; warmup, then linear decay (cosine with an EMA) ending at --steps or the budget; DDP
     2. resume: weights (EMA and J3 state too), optimizer, scheduler, step, RNG states
     3. each step: this rank's share of the global batch, loss, backward, clip, step, EMA,
        with no host sync outside log steps
@@ -1237,7 +1239,7 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
     bad = torch.zeros((), dtype=torch.bool, device=device)  # sticky "a loss was non-finite"
     desc = f"train {os.path.basename(run_dir)}"
     pbar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=rank > 0)
-    acc, n_acc, t_log = {}, 0, time.time()
+    acc, n_acc, t_log, clock = {}, 0, time.time(), 0  # clock: --steps × the budget's share used
 
     def log(row):
         if rank == 0:
@@ -1270,6 +1272,8 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         bad |= ~torch.isfinite(loss)
         opt.step()
+        if step > cfg.warmup:  # the decay runs on the budget's clock when that is ahead
+            sched.last_epoch = max(sched.last_epoch, min(clock, cfg.steps) - 1)
         sched.step()
         if ema is not None:  # ema += (1 - decay)(live - ema), on the device
             torch._foreach_lerp_(ema_params, live_params, 1 - ema[2])
@@ -1280,13 +1284,15 @@ def train_loop(cfg, run_dir, model, loss_fn, validate, device, resume, weights, 
         pbar.update(1)
         log_step = step % cfg.log_every == 0 or step == cfg.steps
         if log_step:  # 4.
-            stats = torch.stack([bad.float(), *acc.values()])
+            elapsed = torch.tensor(time.time() - t_start, device=device)
+            stats = torch.stack([bad.float(), elapsed, *acc.values()])
             if world > 1:
                 torch.distributed.all_reduce(stats)
                 stats[1:] /= world
             if stats[0].item():
                 raise UserError(f"non-finite loss at or before step {step}; stopped unsaved")
-            means = {k: round(float(v) / n_acc, 5) for k, v in zip(acc, stats[1:])}
+            clock = int(cfg.steps * float(stats[1]) / (60 * (cfg.time_budget or math.inf)))
+            means = {k: round(float(v) / n_acc, 5) for k, v in zip(acc, stats[2:])}
             speed = round(n_acc / (time.time() - t_log), 2)
             log(dict(step=step, **means, lr=sched.get_last_lr()[0], steps_per_s=speed))
             pbar.set_postfix(loss=f"{means['loss']:.4f}", it_s=speed)
@@ -1607,8 +1613,8 @@ def train_diffusion(cfg: DiffConfig, out, resume=False, overwrite=False):
     ids_all, mask_all = tokenize(ae.tok, train.texts, ae_cfg.max_len, warn="max_len")
     val_ids, val_mask = tokenize(ae.tok, data["val"].texts[:500], ae_cfg.max_len)
     trainable, latents, val_x = model, None, None
-    compiled = model
-    if cfg.compile and device.type == "cuda":  # checkpoints save the raw module
+    compiled = model  # checkpoints save the raw module
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         compiled = torch.compile(model)
     if cfg.joint:
         setup_joint(ae, ae_cfg, device)

@@ -125,7 +125,7 @@ case $preset in
     # step counts sized for 2 cores, the budget stops them sooner on a slower machine) beside a GPT-2 trained from
     # scratch for the same MINUTES, both scored against texts held out of train.csv. The tiny T5 (pre-LN) leaves its
     # language-model plateau within minutes where the tiny BART does not; 8 latents keep the denoiser's sequence
-    # short, so it runs more steps in its minutes (RESULTS.md).
+    # short, so it runs more steps in its minutes; torch.compile runs more again (RESULTS.md).
     # JOINT=1: the denoiser's minutes go to LDLM's joint recipe instead (J1-J4: a fresh compressor and
     # reconstructor trained with the denoiser on the autoencoder's LM; float32, batch 64, as e2e-joint), reusing the
     # autoencoder of a two-stage run of the same MINUTES in the same folder; its report has no GPT-2 row.
@@ -141,6 +141,7 @@ case $preset in
           --eval_every 500 --out "$runs/ae" --overwrite
     fi
     mode=diffusion; j=(--batch_size 128 --steps $((m * 680)) --schedule_scale 0.5); ar=(--ar_minutes "$m")
+    command -v "${CXX:-g++}" >/dev/null && j+=(--compile on)  # torch.compile on a CPU needs a C++ compiler
     if [ "${JOINT:-0}" = 1 ]; then
       mode=joint; ar=(); j=(--joint --batch_size 64 --steps $((m * 60)) --warmup_joint 300 --no-bf16 --schedule_scale 1)
     fi

@@ -174,6 +174,18 @@ def cases(ae_run, diff_run, class_run, b, tmp):
             "--max_source_len",
             "100",
         ],  # the tiny BART's: 66
+        "compile neither auto, on nor off": [
+            "train",
+            "--preset",
+            "demo",
+            "--ae",
+            ae_run,
+            "--out",
+            str(tmp / "new"),
+            *DIFF_FLAGS,
+            "--compile",
+            "yes",
+        ],
         "truncated checkpoint": ["sample", str(tmp / "trunc"), "--output", str(tmp / "s.jsonl")],
         "foreign checkpoint": ["sample", str(tmp / "foreign"), "--output", str(tmp / "s.jsonl")],
     }
@@ -214,6 +226,8 @@ def test_bad_input_catalogue(ae_run, diff_run, class_run, bad_files, tmp_path, c
         assert not (tmp_path / "new" / "ckpt").exists(), name
     assert not (tmp_path / "s2s").exists()  # a bad flag leaves no half-made run directory behind
     assert before == {p: snapshot(p) for p in before}  # nothing that existed was touched
+    # a run saved when --compile was a switch still loads
+    assert [ld4lg.DiffConfig(compile=c).compile for c in (True, False)] == ["auto", "off"]
 
 
 def test_sampling_is_reproducible_and_resumable(diff_run, tmp_path):

@@ -1,6 +1,7 @@
 """Robustness: SIGKILL at random moments (checkpoint writes included) and --resume give exactly the
 weights of an uninterrupted run; NaN stops cleanly; SIGTERM saves a checkpoint."""
 
+import json
 import os
 import random
 import shutil
@@ -113,6 +114,18 @@ def test_sigterm_saves_checkpoint(ae_run, tmp_path):
         "step"
     ]
     assert step > 0
+
+
+def test_time_budget_stops_the_run_and_ends_its_lr_decay(ae_run, tmp_path):
+    out = str(tmp_path / "run")
+    argv = stage_args("train", ae_run, out)
+    argv[argv.index("12")] = "1000000"  # a step count the budget cuts short
+    assert ld4lg.main([*argv, "--eval_every", "1000000", "--time_budget", "0.05"]) == 0
+    rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert 10 < rows[-1]["step"] < 1_000_000
+    assert all(b <= a for a, b in zip(lrs[1:], lrs[2:]))  # decaying after the warmup step
+    assert lrs[-1] < 0.1 * max(lrs)  # at the budget's end, not at 1_000_000 steps
 
 
 def test_nan_loss_stops_without_poisoned_checkpoint(ae_run, tmp_path, monkeypatch, capsys):
