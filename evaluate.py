@@ -5,6 +5,7 @@
     python evaluate.py RUN_DIR --seeds 0 --guidance_sweep 0,1,2,3  # (G3) guidance weight
     python evaluate.py RUN_DIR --ar_minutes 15                     # beside a GPT-2 of 15 minutes
     python evaluate.py RUN_DIR --split val           # against validation texts, to choose settings
+    python evaluate.py RUN_DIR --noised_latents 0.5,1              # the data's latents, noised
     python evaluate.py minutes RUN_DIR...                          # quality vs training minutes
     python evaluate.py --samples S.jsonl --references R.txt        # texts from any system
     python evaluate.py bench --preset roc                          # training and sampling speed
@@ -14,10 +15,10 @@ MAUVE, perplexity, diversity and memorization as the official code computes them
 notes, §11): MAUVE on GPT-2-large features, the mean of per-text GPT-2-large perplexities,
 Div = Π_{n=2..4} unique/total n-grams, Mem = share of generated 4-grams seen in training.
 Every report sets the model beside its controls: human text (Reference), random latents
-read by the same decoder, training texts' own latents read by it (unconditional runs), and,
-where a fine-tuned decoder reads the latents, the autoencoder's own. The offline demo is a
-task with an exact answer: a grammar writes its corpus, and the same grammar, as a regular
-expression, checks every sample.
+read by the same decoder, training texts' own latents read by it (unconditional runs; noised
+with --noised_latents), and, where a fine-tuned decoder reads the latents, the autoencoder's
+own. The offline demo is a task with an exact answer: a grammar writes its corpus, and the
+same grammar, as a regular expression, checks every sample.
 """
 
 from __future__ import annotations
@@ -425,15 +426,21 @@ def ar_baseline(
     return out, dict(info, total_s_per_1000=round(1000 * (time.time() - t0) / max(n, 1), 1))
 
 
-def data_latent_texts(run, texts, bs=100):
+def data_latent_texts(run, texts, sigma=0.0, bs=100):
     """The other control: these texts encoded (C1-C3) and decoded, no denoiser; what a
-    denoiser that sampled the data's own latents would give through this decoder."""
+    denoiser that sampled the data's own latents would give through this decoder. With
+    sigma, N(0, sigma²) noise on every coordinate first (then back onto C3's sphere): how
+    far from the data's latents the decoder still writes the data's kind of text."""
     ae, cfg, out = run.ae, run.ae_cfg, []
     device = next(ae.parameters()).device
+    g = torch.Generator(device).manual_seed(0)
     for i in range(0, len(texts), bs):
         ids, mask = ld4lg.tokenize(ae.tok, texts[i : i + bs], cfg.max_len)
         with torch.no_grad(), ld4lg.autocast(device, cfg.bf16):
             z = ae.encode(ids.to(device), mask.to(device))
+            if sigma:
+                z = z + sigma * torch.randn(z.shape, device=device, generator=g)
+                z = ld4lg.on_sphere(z) if ae.c3 else z
             out += ae.generate(z, max_length=cfg.max_len + 2, **run.decode)
     return out
 
@@ -606,6 +613,12 @@ def cmd_eval(args):
             m.update(demo_metrics(texts, train_texts) if demo else {})
             report["control_data_latents"] = m
             named.append(("control: training texts' latents, same decoder", m))
+            for sigma in args.noised_latents or []:  # are broken n-grams the decoder's?
+                texts = data_latent_texts(run, others, sigma)
+                m = text_metrics(texts, refs, train_texts, featurize, ppl)
+                m.update(demo_metrics(texts, train_texts) if demo else {})
+                report.setdefault("control_noised_latents", {})[sigma] = m
+                named.append((f"control: those latents + N(0, {sigma:g}²) noise", m))
         if args.decoder:
             report["control_ae_decoder"] = run_once(0, run=load(""), control="_aedecoder")
             named.append(("LD4LG read by the AE's own decoder", report["control_ae_decoder"]))
@@ -762,6 +775,8 @@ def build_parser(command):
     e.add_argument("--guidance_sweep", type=floats, help="a list of w, e.g. 0,1,2,3 (G3)")
     e.add_argument("--no-controls", dest="controls", action="store_false", help="no controls")
     e.add_argument("--ar_minutes", type=float, default=0, help="add a GPT-2 trained this long")
+    text = "control: the training texts' latents with noise of these stds, e.g. 0.1,0.3"
+    e.add_argument("--noised_latents", type=floats, help=text)
     text = "references: the test texts (the report) or the validation texts (choosing settings)"
     e.add_argument("--split", default="test", choices=("test", "val"), help=text)
     text = f"MAUVE features: causal LM, sentence-embedding folder, {OFFLINE_FEATURIZER}"

@@ -277,3 +277,27 @@ def test_gpt2_baseline_learns_its_training_text_and_joins_the_report(
     )
     assert f"| LD4LG two-stage | {minutes:.1f} |" in table
     assert "| GPT-2 from scratch | 0.0 |" in table and os.path.getsize(plot) > 0
+
+
+def test_noised_latent_control_reads_the_data_latents_moved_by_sigma(diff_run, monkeypatch):
+    """--noised_latents: the training texts' latents plus N(0, σ²) noise, back on C3's sphere,
+    read by the same decoder; σ = 0 reads the data's own latents."""
+    run = ld4lg.load_run(diff_run, torch.device("cpu"))
+    read = []
+    monkeypatch.setattr(run.ae, "generate", lambda z, **kw: read.append(z.float()) or [""] * len(z))
+    texts = [f"The coach trains a ball on {d}." for d in evaluate.DEMO_DAYS] * 3
+    for sigma in (0.0, 0.1, 1.0):
+        evaluate.data_latent_texts(run, texts, sigma, bs=8)
+    clean, small, large = (torch.cat(read[i : i + 3]) for i in (0, 3, 6))
+    d = clean.shape[-1]
+    for z in (clean, small, large):
+        assert torch.allclose(z.norm(dim=-1), torch.full(z.shape[:2], d**0.5), rtol=1e-2)
+    rms = lambda z: float((z - clean).pow(2).mean().sqrt())
+    assert 0.03 < rms(small) < 0.2 < rms(large)  # about σ, less the part along the sphere
+    flags = ["--num_samples", "4", "--steps", "4", "--featurizer", "none", "--ppl_model", "none"]
+    flags += ["--seeds", "1", "--split", "val", "--noised_latents", "0.1,1"]
+    monkeypatch.undo()
+    assert evaluate.main([diff_run, *flags]) == 0
+    report = json.load(open(os.path.join(diff_run, "eval_val.json")))
+    assert set(report["control_noised_latents"]) == {"0.1", "1.0"}
+    assert {"diversity", "memorization", "valid"} <= set(report["control_noised_latents"]["0.1"])
